@@ -1,0 +1,94 @@
+"""Model configuration: one frozen dataclass with the book's field names, plus presets.
+
+This module imports nothing else from jaxgpt, so every other module may depend on it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+_DTYPES = ("float32", "bfloat16")
+_REMAT_POLICIES = ("none", "full", "dots")
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    """Hyper-parameters of the GPT model (the book's ``GPT_CONFIG_124M`` as a frozen dataclass).
+
+    The first seven fields carry the book's names and meanings (chapter 4.1). The rest are
+    explicit options the book does not have; their defaults reproduce GPT-2.
+    """
+
+    vocab_size: int = 50257  # GPT-2 BPE vocabulary
+    context_length: int = 1024  # longest input the positional embedding covers
+    emb_dim: int = 768  # C: width of the residual stream
+    n_heads: int = 12  # attention heads per layer
+    n_layers: int = 12  # transformer blocks
+    drop_rate: float = 0.1  # dropout on embeddings, attention weights and shortcut paths
+    qkv_bias: bool = False  # bias in the query/key/value projections (GPT-2 weights have it)
+
+    # --- options beyond the book ---
+    tie_embeddings: bool = True  # logits head shares the token embedding (GPT-2); False = book's out_head
+    dtype: str = "float32"  # compute dtype of matmuls; params and optimizer stay float32
+    remat: str = "none"  # rematerialise each block in the backward pass: none | full | dots
+    scan_unroll: int = 1  # layers per step of the scan over blocks (n_layers = fully unrolled)
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
+        if self.emb_dim % self.n_heads:
+            raise ValueError(
+                f"GPTConfig.emb_dim ({self.emb_dim}) must be divisible by n_heads ({self.n_heads})"
+            )
+        if not 0.0 <= float(self.drop_rate) < 1.0:
+            raise ValueError(f"GPTConfig.drop_rate must be in [0, 1), got {self.drop_rate!r}")
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"GPTConfig.dtype must be one of {_DTYPES}, got {self.dtype!r}")
+        if isinstance(self.scan_unroll, bool) or not isinstance(self.scan_unroll, int) or self.scan_unroll < 1:
+            raise ValueError(f"GPTConfig.scan_unroll must be a positive integer, got {self.scan_unroll!r}")
+        if self.remat not in _REMAT_POLICIES:
+            raise ValueError(f"GPTConfig.remat must be one of {_REMAT_POLICIES}, got {self.remat!r}")
+
+    @property
+    def head_dim(self) -> int:
+        """Width of one attention head: ``emb_dim // n_heads``."""
+        return self.emb_dim // self.n_heads
+
+    def replace(self, **changes: Any) -> GPTConfig:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> GPTConfig:
+        """Inverse of :meth:`to_dict`; unknown keys are an error naming them."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown GPTConfig fields {unknown}; expected a subset of {sorted(known)}")
+        return cls(**d)
+
+
+# The book's model sizes (chapter 4.6 and the table in 5.5). Presets follow the book's settings
+# (qkv_bias=False, dropout 0.1); loading pretrained GPT-2 weights switches qkv_bias on.
+PRESETS: dict[str, GPTConfig] = {
+    "gpt2-small": GPTConfig(emb_dim=768, n_heads=12, n_layers=12),  # 124M
+    "gpt2-medium": GPTConfig(emb_dim=1024, n_heads=16, n_layers=24),  # 355M
+    "gpt2-large": GPTConfig(emb_dim=1280, n_heads=20, n_layers=36),  # 774M
+    "gpt2-xl": GPTConfig(emb_dim=1600, n_heads=25, n_layers=48),  # 1558M
+    # Trains to a useful loss in minutes on two CPU cores.
+    "quickstart": GPTConfig(context_length=128, emb_dim=256, n_heads=4, n_layers=4),
+}
+
+
+def get_config(name: str, **overrides: Any) -> GPTConfig:
+    """The preset called ``name`` with ``overrides`` applied, e.g. ``get_config("gpt2-small", context_length=256)``."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[name].replace(**overrides)

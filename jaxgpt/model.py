@@ -1,0 +1,251 @@
+"""GPT-2 as pure Flax modules, in the order chapter 4 of the book builds them.
+
+Shape legend (the book's names):
+  B          batch size
+  T          tokens in this call (num_tokens in the book)
+  S          key/value slots attended to: T without a cache, the cache size with one
+  C          emb_dim, the width of the residual stream (d_out in chapter 3)
+  n_heads    attention heads;  head_dim = C // n_heads
+  V          vocab_size
+  L          n_layers
+
+The transformer blocks are stacked under ``nn.scan``: their parameters carry a leading axis of
+size L, and the whole stack compiles as one block, so compile time does not grow with depth.
+The key/value cache used for generation is an explicit pytree that goes in and comes back out;
+nothing in a module is mutable state.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxgpt.config import GPTConfig
+
+Array = jax.Array
+Params = dict[str, Any]
+KVCache = dict[str, Array]
+
+_init_normal = nn.initializers.normal(stddev=0.02)  # GPT-2's initialisation
+
+
+def _dense(cfg: GPTConfig, features: int, name: str, use_bias: bool = True) -> nn.Dense:
+    return nn.Dense(
+        features,
+        use_bias=use_bias,
+        dtype=jnp.dtype(cfg.dtype),
+        param_dtype=jnp.float32,
+        kernel_init=_init_normal,
+        name=name,
+    )
+
+
+class LayerNorm(nn.Module):
+    """Layer normalisation (book 4.2): biased variance over the last axis, eps 1e-5, scale and shift."""
+
+    emb_dim: int
+    eps: float = 1e-5
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:  # (..., C) -> (..., C)
+        scale = self.param("scale", nn.initializers.ones, (self.emb_dim,), jnp.float32)
+        shift = self.param("shift", nn.initializers.zeros, (self.emb_dim,), jnp.float32)
+        x32 = x.astype(jnp.float32)  # normalise in float32 whatever the compute dtype
+        mean = x32.mean(axis=-1, keepdims=True)
+        var = ((x32 - mean) ** 2).mean(axis=-1, keepdims=True)  # biased: divide by C, not C - 1
+        norm_x = (x32 - mean) / jnp.sqrt(var + self.eps)
+        lead = (1,) * (x.ndim - 1)
+        return (scale.reshape(lead + (-1,)) * norm_x + shift.reshape(lead + (-1,))).astype(x.dtype)
+
+
+def gelu(x: Array) -> Array:
+    """GELU, the tanh approximation GPT-2 was trained with (book 4.3)."""
+    return 0.5 * x * (1.0 + jnp.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+
+
+class FeedForward(nn.Module):
+    """Position-wise feed-forward network (book 4.3): C -> 4C -> GELU -> C."""
+
+    cfg: GPTConfig
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:  # (B, T, C) -> (B, T, C)
+        C = self.cfg.emb_dim
+        # `layers_0` and `layers_2` mirror the book's nn.Sequential indices (1 is the GELU).
+        h = gelu(_dense(self.cfg, 4 * C, "layers_0")(x))  # (B, T, 4C)
+        return _dense(self.cfg, C, "layers_2")(h)  # (B, T, C)
+
+
+class MultiHeadAttention(nn.Module):
+    """Causal multi-head self-attention with dropout on the attention weights (book 3.6)."""
+
+    cfg: GPTConfig
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(
+        self, x: Array, mask: Array, kv: KVCache | None = None, index: Array | None = None
+    ) -> tuple[Array, KVCache | None]:
+        """x (B, T, C); mask (B or 1, 1, T, S) True where a query may attend a key.
+
+        With a cache, ``kv`` holds this layer's keys and values, each (B, S, n_heads, head_dim);
+        this call's keys and values are written at slot ``index`` and the updated cache returned.
+        """
+        cfg = self.cfg
+        B, T, C = x.shape
+        n_heads, head_dim = cfg.n_heads, cfg.head_dim
+
+        queries = _dense(cfg, C, "W_query", cfg.qkv_bias)(x).reshape(B, T, n_heads, head_dim)
+        keys = _dense(cfg, C, "W_key", cfg.qkv_bias)(x).reshape(B, T, n_heads, head_dim)
+        values = _dense(cfg, C, "W_value", cfg.qkv_bias)(x).reshape(B, T, n_heads, head_dim)
+
+        if kv is not None:  # decode: append to the fixed-size cache, attend over all its slots
+            keys = jax.lax.dynamic_update_slice_in_dim(kv["k"], keys.astype(kv["k"].dtype), index, axis=1)
+            values = jax.lax.dynamic_update_slice_in_dim(kv["v"], values.astype(kv["v"].dtype), index, axis=1)
+            kv = {"k": keys, "v": values}  # each (B, S, n_heads, head_dim)
+
+        attn_scores = jnp.einsum("bthd,bshd->bhts", queries, keys.astype(queries.dtype))  # (B, n_heads, T, S)
+        attn_scores = attn_scores.astype(jnp.float32) / math.sqrt(head_dim)
+        attn_scores = jnp.where(mask, attn_scores, -jnp.inf)
+        attn_weights = jax.nn.softmax(attn_scores, axis=-1)
+        attn_weights = nn.Dropout(cfg.drop_rate, name="dropout")(attn_weights, deterministic=self.deterministic)
+
+        context_vec = jnp.einsum("bhts,bshd->bthd", attn_weights.astype(values.dtype), values)  # (B, T, n_heads, head_dim)
+        context_vec = context_vec.reshape(B, T, C)  # concatenate the heads
+        return _dense(cfg, C, "out_proj")(context_vec), kv
+
+
+class TransformerBlock(nn.Module):
+    """Pre-LN transformer block (book 4.5): x + drop(att(norm1(x))), then x + drop(ff(norm2(x)))."""
+
+    cfg: GPTConfig
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(
+        self, x: Array, kv: KVCache | None, mask: Array, index: Array | None
+    ) -> tuple[Array, KVCache | None]:
+        """(B, T, C) -> (B, T, C): the same shape in and out, so blocks stack.
+
+        The signature ``(carry, per_layer, *broadcast) -> (carry, per_layer)`` is what ``nn.scan``
+        needs: x is carried from layer to layer, the layer's cache slice goes in and out.
+        """
+        cfg = self.cfg
+        drop_shortcut = nn.Dropout(cfg.drop_rate, name="drop_shortcut")
+
+        shortcut = x
+        h, kv = MultiHeadAttention(cfg, self.deterministic, name="att")(
+            LayerNorm(cfg.emb_dim, name="norm1")(x), mask, kv, index
+        )
+        x = shortcut + drop_shortcut(h, deterministic=self.deterministic)
+
+        shortcut = x
+        h = FeedForward(cfg, name="ff")(LayerNorm(cfg.emb_dim, name="norm2")(x))
+        x = shortcut + drop_shortcut(h, deterministic=self.deterministic)
+        return x, kv
+
+
+_REMAT_POLICY = {
+    "full": None,  # save nothing, recompute the whole block
+    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,  # keep matmul outputs
+}
+
+
+class GPTModel(nn.Module):
+    """The GPT model (book 4.6): embeddings, L transformer blocks, final norm, logits head."""
+
+    cfg: GPTConfig
+
+    @nn.compact
+    def __call__(
+        self, idx: Array, *, deterministic: bool = True, cache: KVCache | None = None
+    ) -> Array | tuple[Array, KVCache]:
+        """Token ids (B, T) -> logits (B, T, V).
+
+        ``deterministic=False`` turns dropout on and needs a ``"dropout"`` rng. With ``cache`` (see
+        :func:`init_cache`) the call continues a sequence: its tokens take the slots
+        ``cache["index"] ...`` and ``(logits, new_cache)`` is returned.
+        """
+        cfg = self.cfg
+        B, T = idx.shape
+        if T > cfg.context_length:
+            raise ValueError(
+                f"input has {T} tokens but context_length is {cfg.context_length}; "
+                "crop the input to its last context_length tokens"
+            )
+
+        if cache is None:
+            positions = jnp.arange(T)[None, :]  # (1, T)
+            mask = jnp.tril(jnp.ones((T, T), dtype=bool))[None, None]  # (1, 1, T, T)
+            index, kv = None, None
+        else:
+            index, start = cache["index"], cache["start"]  # scalar slot, (B,) first real slot per row
+            S = cache["k"].shape[2]
+            q_slot = index + jnp.arange(T)  # (T,)
+            k_slot = jnp.arange(S)  # (S,)
+            positions = jnp.maximum(q_slot[None, :] - start[:, None], 0)  # (B, T): left padding shifts positions
+            causal = k_slot[None, None, :] <= q_slot[None, :, None]  # (1, T, S)
+            real = k_slot[None, None, :] >= start[:, None, None]  # (B, 1, S): padding slots are not attended
+            own = k_slot[None, None, :] == q_slot[None, :, None]  # a padding query sees itself, so no row is empty
+            mask = ((causal & real) | own)[:, None]  # (B, 1, T, S)
+            kv = {"k": cache["k"], "v": cache["v"]}  # each (L, B, S, n_heads, head_dim)
+
+        tok_emb = nn.Embed(cfg.vocab_size, cfg.emb_dim, embedding_init=_init_normal, name="tok_emb")
+        pos_emb = nn.Embed(cfg.context_length, cfg.emb_dim, embedding_init=_init_normal, name="pos_emb")
+        x = tok_emb(idx) + pos_emb(positions)  # (B, T, C)
+        x = nn.Dropout(cfg.drop_rate, name="drop_emb")(x, deterministic=deterministic)
+        x = x.astype(jnp.dtype(cfg.dtype))
+
+        block = TransformerBlock
+        if cfg.remat != "none":
+            block = nn.remat(block, policy=_REMAT_POLICY[cfg.remat], prevent_cse=False)
+        trf_blocks = nn.scan(
+            block,
+            variable_axes={"params": 0},  # every param gets a leading layer axis L
+            split_rngs={"params": True, "dropout": True},  # each layer its own init and dropout key
+            in_axes=(0, nn.broadcast, nn.broadcast),  # kv per layer; mask and index shared
+            length=cfg.n_layers,
+            unroll=cfg.scan_unroll,
+        )(cfg, deterministic, name="trf_blocks")
+        x, kv = trf_blocks(x, kv, mask, index)
+
+        x = LayerNorm(cfg.emb_dim, name="final_norm")(x)
+        if cfg.tie_embeddings:
+            logits = tok_emb.attend(x.astype(jnp.float32))  # (B, T, V): x @ tok_emb.T
+        else:
+            logits = nn.Dense(
+                cfg.vocab_size, use_bias=False, kernel_init=_init_normal, name="out_head"
+            )(x.astype(jnp.float32))  # (B, T, V)
+
+        if cache is None:
+            return logits
+        return logits, {"k": kv["k"], "v": kv["v"], "index": index + T, "start": cache["start"]}
+
+
+def init_params(cfg: GPTConfig, key: Array) -> Params:
+    """Randomly initialised parameters for ``cfg`` (GPT-2's N(0, 0.02) weights, unit norms)."""
+    dummy = jnp.zeros((1, min(cfg.context_length, 8)), dtype=jnp.int32)
+    return jax.jit(lambda k: GPTModel(cfg).init(k, dummy)["params"])(key)
+
+
+def init_cache(cfg: GPTConfig, batch_size: int, size: int | None = None, start: Array | None = None) -> KVCache:
+    """An empty key/value cache with ``size`` slots (default: context_length).
+
+    ``start`` (B,) marks how many slots at the front of each row are left padding (default none).
+    """
+    size = cfg.context_length if size is None else size
+    if not 0 < size <= cfg.context_length:
+        raise ValueError(f"cache size must be in [1, context_length={cfg.context_length}], got {size}")
+    shape = (cfg.n_layers, batch_size, size, cfg.n_heads, cfg.head_dim)  # (L, B, S, n_heads, head_dim)
+    zeros = jnp.zeros(shape, dtype=jnp.dtype(cfg.dtype))
+    start = jnp.zeros((batch_size,), jnp.int32) if start is None else jnp.asarray(start, jnp.int32)
+    return {"k": zeros, "v": zeros, "index": jnp.zeros((), jnp.int32), "start": start}
+
+
+def count_params(params: Params) -> int:
+    """Number of scalars in a parameter tree (the book's ``sum(p.numel() for p in ...)``)."""
+    return sum(int(p.size) for p in jax.tree_util.tree_leaves(params))

@@ -1,0 +1,49 @@
+import pytest
+
+from jaxgpt.config import PRESETS, GPTConfig, get_config
+
+
+def test_defaults_are_the_books_124m_config():
+    cfg = GPTConfig()
+    assert (cfg.vocab_size, cfg.context_length, cfg.emb_dim, cfg.n_heads, cfg.n_layers) == (50257, 1024, 768, 12, 12)
+    assert cfg.drop_rate == 0.1 and cfg.qkv_bias is False and cfg.head_dim == 64
+
+
+@pytest.mark.parametrize(
+    "name, emb_dim, n_heads, n_layers",
+    [("gpt2-small", 768, 12, 12), ("gpt2-medium", 1024, 16, 24), ("gpt2-large", 1280, 20, 36), ("gpt2-xl", 1600, 25, 48)],
+)
+def test_presets_have_the_gpt2_sizes(name, emb_dim, n_heads, n_layers):
+    cfg = PRESETS[name]
+    assert (cfg.emb_dim, cfg.n_heads, cfg.n_layers, cfg.context_length) == (emb_dim, n_heads, n_layers, 1024)
+
+
+def test_config_is_frozen_and_replace_validates():
+    cfg = get_config("gpt2-small", context_length=256)
+    assert cfg.context_length == 256
+    with pytest.raises(AttributeError):
+        cfg.emb_dim = 10  # type: ignore[misc]
+    with pytest.raises(ValueError, match="emb_dim"):
+        cfg.replace(emb_dim=100, n_heads=12)
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("vocab_size", 0), ("context_length", -1), ("emb_dim", 0), ("n_heads", 0), ("n_layers", 1.5),
+     ("drop_rate", 1.0), ("drop_rate", -0.1), ("dtype", "float16"), ("remat", "sometimes"), ("scan_unroll", 0)],
+)
+def test_invalid_values_name_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        GPTConfig(**{field: value})
+
+
+def test_unknown_preset_lists_the_known_ones():
+    with pytest.raises(ValueError, match="gpt2-small"):
+        get_config("gpt5")
+
+
+def test_dict_round_trip_and_unknown_keys():
+    cfg = get_config("quickstart")
+    assert GPTConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="colour"):
+        GPTConfig.from_dict({**cfg.to_dict(), "colour": "red"})

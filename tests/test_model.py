@@ -1,0 +1,194 @@
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxgpt.config import GPTConfig, get_config
+from jaxgpt.model import GPTModel, LayerNorm, TransformerBlock, count_params, gelu, init_cache, init_params
+
+TINY = GPTConfig(vocab_size=97, context_length=16, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.0, qkv_bias=True)
+
+
+def _logits(cfg, params, idx, **kw):
+    return GPTModel(cfg).apply({"params": params}, jnp.asarray(idx, jnp.int32), **kw)
+
+
+@pytest.fixture(scope="module")
+def tiny_params():
+    return init_params(TINY, jax.random.key(0))
+
+
+# --- book figures: parameter counts (4.6) ---
+
+@pytest.mark.parametrize(
+    "tie, qkv_bias, expected",
+    [(False, False, 163_009_536), (True, False, 124_412_160), (True, True, 124_439_808)],
+)
+def test_gpt2_small_parameter_counts(tie, qkv_bias, expected):
+    cfg = get_config("gpt2-small", tie_embeddings=tie, qkv_bias=qkv_bias)
+    shapes = jax.eval_shape(lambda k: init_params(cfg, k), jax.random.key(0))
+    assert count_params(shapes) == expected
+
+
+def test_gpt2_small_untied_size_is_621_83_mb():
+    cfg = get_config("gpt2-small", tie_embeddings=False)
+    shapes = jax.eval_shape(lambda k: init_params(cfg, k), jax.random.key(0))
+    assert round(count_params(shapes) * 4 / 1024**2, 2) == 621.83
+
+
+# --- layers against their definitions ---
+
+def test_layernorm_gives_zero_mean_and_unit_biased_variance():
+    x = jax.random.normal(jax.random.key(1), (2, 5)) * 3.0 + 7.0  # the book's 2 x 5 example shape
+    ln = LayerNorm(5)
+    out = np.asarray(ln.apply(ln.init(jax.random.key(0), x), x))
+    np.testing.assert_allclose(out.mean(-1), 0.0, atol=1e-6)
+    np.testing.assert_allclose(out.var(-1, ddof=0), 1.0, rtol=1e-4)  # biased variance is 1 ...
+    assert np.all(np.abs(out.var(-1, ddof=1) - 1.25) < 1e-3)  # ... so the unbiased one is C/(C-1)
+    xn = np.asarray(x)
+    expected = (xn - xn.mean(-1, keepdims=True)) / np.sqrt(xn.var(-1, keepdims=True) + 1e-5)
+    np.testing.assert_allclose(out, expected, atol=1e-5)
+
+
+def test_gelu_matches_the_tanh_formula_and_known_values():
+    x = np.linspace(-5, 5, 101, dtype=np.float32)
+    formula = 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
+    np.testing.assert_allclose(np.asarray(gelu(jnp.asarray(x))), formula, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(gelu(jnp.asarray(x))), np.asarray(jax.nn.gelu(x, approximate=True)), atol=1e-6)
+    assert float(gelu(0.0)) == 0.0
+    # Close to the exact x * Phi(x), and negative (not zero) for small negative inputs, unlike ReLU.
+    for v in (-1.0, -0.5, 0.5, 1.0, 2.0):
+        exact = v * 0.5 * (1 + math.erf(v / math.sqrt(2)))
+        assert abs(float(gelu(v)) - exact) < 1e-3
+    assert float(gelu(-0.5)) < 0
+
+
+def test_block_preserves_shape():
+    x = jax.random.normal(jax.random.key(2), (2, 6, TINY.emb_dim))
+    mask = jnp.tril(jnp.ones((6, 6), bool))[None, None]
+    block = TransformerBlock(TINY)
+    variables = block.init(jax.random.key(0), x, None, mask, None)
+    out, kv = block.apply(variables, x, None, mask, None)
+    assert out.shape == x.shape and kv is None
+
+
+def test_logits_shape(tiny_params):
+    idx = np.arange(2 * 7).reshape(2, 7) % TINY.vocab_size
+    assert _logits(TINY, tiny_params, idx).shape == (2, 7, TINY.vocab_size)
+
+
+def test_input_longer_than_context_is_a_clear_error(tiny_params):
+    with pytest.raises(ValueError, match="context_length"):
+        _logits(TINY, tiny_params, np.zeros((1, TINY.context_length + 1)))
+
+
+# --- causality ---
+
+def test_logits_at_t_ignore_tokens_after_t(tiny_params):
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, TINY.vocab_size, (2, 10))
+    b = a.copy()
+    b[:, 6:] = rng.integers(0, TINY.vocab_size, (2, 4))
+    la, lb = _logits(TINY, tiny_params, a), _logits(TINY, tiny_params, b)
+    np.testing.assert_allclose(la[:, :6], lb[:, :6], atol=1e-6)
+    assert np.abs(np.asarray(la[:, 6:] - lb[:, 6:])).max() > 1e-3
+
+
+def test_gradient_of_position_t_is_zero_for_later_inputs(tiny_params):
+    """d logits[t] / d embedding[t'] vanishes for every t' > t (checked through the embeddings).
+
+    The head is untied here: a tied head would route gradient into every embedding row.
+    """
+    cfg = TINY.replace(tie_embeddings=False)
+    params = {**tiny_params, "out_head": {"kernel": jax.random.normal(jax.random.key(5), (TINY.emb_dim, TINY.vocab_size))}}
+    idx = jnp.arange(8)[None] % TINY.vocab_size
+    t = 3
+
+    def out_t(tok_table):
+        return _logits(cfg, {**params, "tok_emb": {"embedding": tok_table}}, idx)[0, t].sum()
+
+    grad = jax.grad(out_t)(tiny_params["tok_emb"]["embedding"])  # (V, C): rows of the ids used
+    later, earlier = np.asarray(idx[0, t + 1 :]), np.asarray(idx[0, : t + 1])
+    assert np.all(np.asarray(grad)[later] == 0.0)
+    assert np.all(np.abs(np.asarray(grad)[earlier]).sum(-1) > 0)
+
+
+# --- dropout ---
+
+def test_dropout_only_in_training():
+    cfg = TINY.replace(drop_rate=0.5)
+    params = init_params(cfg, jax.random.key(0))
+    idx = np.arange(8)[None]
+    eval1 = _logits(cfg, params, idx, rngs={"dropout": jax.random.key(1)})
+    eval2 = _logits(cfg, params, idx, rngs={"dropout": jax.random.key(2)})
+    np.testing.assert_array_equal(eval1, eval2)
+    np.testing.assert_allclose(eval1, _logits(cfg.replace(drop_rate=0.0), params, idx), atol=1e-6)
+    train1 = _logits(cfg, params, idx, deterministic=False, rngs={"dropout": jax.random.key(1)})
+    train2 = _logits(cfg, params, idx, deterministic=False, rngs={"dropout": jax.random.key(2)})
+    train1_again = _logits(cfg, params, idx, deterministic=False, rngs={"dropout": jax.random.key(1)})
+    assert np.abs(np.asarray(train1 - eval1)).max() > 1e-3
+    assert np.abs(np.asarray(train1 - train2)).max() > 1e-3
+    np.testing.assert_array_equal(train1, train1_again)  # same key, same mask
+
+
+def test_training_without_a_dropout_key_is_an_error(tiny_params):
+    cfg = TINY.replace(drop_rate=0.1)
+    with pytest.raises(Exception, match="dropout"):
+        _logits(cfg, tiny_params, np.arange(4)[None], deterministic=False)
+
+
+# --- tied and untied heads ---
+
+def test_tied_head_is_the_token_embedding_transposed(tiny_params):
+    idx = np.arange(5)[None]
+    untied_cfg = TINY.replace(tie_embeddings=False)
+    untied = {**tiny_params, "out_head": {"kernel": tiny_params["tok_emb"]["embedding"].T}}
+    np.testing.assert_allclose(_logits(TINY, tiny_params, idx), _logits(untied_cfg, untied, idx), atol=1e-6)
+
+
+# --- equivalent ways to run the same model ---
+
+def test_cache_gives_the_same_logits_as_a_full_pass(tiny_params):
+    idx = jnp.asarray(np.random.default_rng(1).integers(0, TINY.vocab_size, (2, 9)), jnp.int32)
+    full = _logits(TINY, tiny_params, idx)
+    cache = init_cache(TINY, batch_size=2, size=12)
+    first, cache = _logits(TINY, tiny_params, idx[:, :5], cache=cache)
+    pieces = [first]
+    for t in range(5, 9):
+        step, cache = _logits(TINY, tiny_params, idx[:, t : t + 1], cache=cache)
+        pieces.append(step)
+    np.testing.assert_allclose(np.concatenate(pieces, axis=1), full, atol=1e-5)
+    assert int(cache["index"]) == 9
+
+
+def test_left_padded_row_matches_the_unpadded_sequence(tiny_params):
+    seq = np.array([5, 17, 3, 44, 9], np.int32)
+    alone = _logits(TINY, tiny_params, seq[None])  # (1, 5, V)
+    pad = 3
+    padded = np.concatenate([np.zeros(pad, np.int32), seq])[None]  # (1, 8)
+    cache = init_cache(TINY, batch_size=1, size=10, start=[pad])
+    out, _ = _logits(TINY, tiny_params, padded, cache=cache)
+    np.testing.assert_allclose(out[:, pad:], alone, atol=1e-5)
+
+
+def test_unrolled_and_rematerialised_stacks_match_the_scan(tiny_params):
+    idx = jnp.asarray(np.arange(12).reshape(2, 6) % TINY.vocab_size)
+
+    def loss(cfg, params):
+        return _logits(cfg, params, idx).astype(jnp.float32).mean()
+
+    base, base_grads = jax.value_and_grad(lambda p: loss(TINY, p))(tiny_params)
+    for cfg in (TINY.replace(scan_unroll=TINY.n_layers), TINY.replace(remat="full"), TINY.replace(remat="dots")):
+        value, grads = jax.value_and_grad(lambda p, cfg=cfg: loss(cfg, p))(tiny_params)
+        np.testing.assert_allclose(value, base, atol=1e-6)
+        for a, b in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(base_grads)):
+            np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_same_logits_with_and_without_jit(tiny_params):
+    idx = jnp.asarray(np.arange(6)[None])
+    eager = _logits(TINY, tiny_params, idx)
+    jitted = jax.jit(lambda p, i: GPTModel(TINY).apply({"params": p}, i))(tiny_params, idx)
+    np.testing.assert_allclose(eager, jitted, atol=1e-6)
