@@ -120,7 +120,7 @@ class MultiHeadAttention(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    """Pre-LN transformer block (book 4.5): x + drop(att(norm1(x))), then x + drop(ff(norm2(x)))."""
+    """Transformer block (book 4.5), Pre-LN: x + drop(att(norm1(x))), then x + drop(ff(norm2(x)))."""
 
     cfg: GPTConfig
     deterministic: bool = True
@@ -135,17 +135,18 @@ class TransformerBlock(nn.Module):
         needs: x is carried from layer to layer, the layer's cache slice goes in and out.
         """
         cfg = self.cfg
-        drop_shortcut = nn.Dropout(cfg.drop_rate, name="drop_shortcut")
+        norm1, norm2 = LayerNorm(cfg.emb_dim, name="norm1"), LayerNorm(cfg.emb_dim, name="norm2")
+        att, ff = MultiHeadAttention(cfg, self.deterministic, name="att"), FeedForward(cfg, name="ff")
+        drop_shortcut = nn.Dropout(cfg.drop_rate, deterministic=self.deterministic, name="drop_shortcut")
 
-        shortcut = x
-        h, kv = MultiHeadAttention(cfg, self.deterministic, name="att")(
-            LayerNorm(cfg.emb_dim, name="norm1")(x), mask, kv, index
-        )
-        x = shortcut + drop_shortcut(h, deterministic=self.deterministic)
-
-        shortcut = x
-        h = FeedForward(cfg, name="ff")(LayerNorm(cfg.emb_dim, name="norm2")(x))
-        x = shortcut + drop_shortcut(h, deterministic=self.deterministic)
+        if cfg.norm_first:  # Pre-LN (GPT-2, the book): normalise the input of each sub-layer
+            h, kv = att(norm1(x), mask, kv, index)
+            x = x + drop_shortcut(h)  # shortcut connection
+            x = x + drop_shortcut(ff(norm2(x)))
+        else:  # Post-LN (the original Transformer): normalise after each shortcut addition
+            h, kv = att(x, mask, kv, index)
+            x = norm1(x + drop_shortcut(h))
+            x = norm2(x + drop_shortcut(ff(x)))
         return x, kv
 
 

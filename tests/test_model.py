@@ -192,3 +192,16 @@ def test_same_logits_with_and_without_jit(tiny_params):
     eager = _logits(TINY, tiny_params, idx)
     jitted = jax.jit(lambda p, i: GPTModel(TINY).apply({"params": p}, i))(tiny_params, idx)
     np.testing.assert_allclose(eager, jitted, atol=1e-6)
+
+
+def test_post_ln_block_normalises_its_output():
+    """With norm_first=False each block ends in a LayerNorm, so (unit scale, zero shift) rows are standardised."""
+    cfg = TINY.replace(norm_first=False)
+    x = jax.random.normal(jax.random.key(4), (1, 5, cfg.emb_dim)) * 4.0
+    mask = jnp.tril(jnp.ones((5, 5), bool))[None, None]
+    block = TransformerBlock(cfg)
+    out, _ = block.apply(block.init(jax.random.key(0), x, None, mask, None), x, None, mask, None)
+    np.testing.assert_allclose(np.asarray(out).mean(-1), 0.0, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(out).var(-1), 1.0, rtol=1e-3)
+    pre, _ = TransformerBlock(TINY).apply(block.init(jax.random.key(0), x, None, mask, None), x, None, mask, None)
+    assert np.abs(np.asarray(pre).var(-1) - 1.0).max() > 0.1  # Pre-LN leaves the residual stream unnormalised

@@ -1,0 +1,408 @@
+"""Weights in other layouts <-> jaxgpt params: the one module that knows external tensor names.
+
+jaxgpt's param tree uses the book's names and flax's (in, out) kernels, with the transformer
+blocks stacked on a leading layer axis L (they run under ``nn.scan``)::
+
+    tok_emb/embedding (V, C)           pos_emb/embedding (context_length, C)
+    trf_blocks/norm1/{scale,shift} (L, C)
+    trf_blocks/att/{W_query,W_key,W_value}/kernel (L, C, C)   [+ bias (L, C) when qkv_bias]
+    trf_blocks/att/out_proj/{kernel (L, C, C), bias (L, C)}
+    trf_blocks/norm2/{scale,shift} (L, C)
+    trf_blocks/ff/layers_0/{kernel (L, C, 4C), bias (L, 4C)}
+    trf_blocks/ff/layers_2/{kernel (L, 4C, C), bias (L, C)}
+    final_norm/{scale,shift} (C,)      out_head/kernel (C, V), only when tie_embeddings=False
+
+An external layout is described by a :class:`Layout`: a key table from its tensor names to
+these paths, the set of its tensors stored transposed, and the fused query/key/value tensors
+it splits. Import and export are written once against that description and check every name
+and shape. Only the Hugging Face GPT-2 layout exists so far; torch and transformers are never
+imported here, Hugging Face files are read with ``safetensors``' NumPy API.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
+
+from jaxgpt.config import GPTConfig
+
+Params = dict[str, Any]
+ParamPath = tuple[str, ...]
+
+_QKV = ("W_query", "W_key", "W_value")  # the order in which fused projections concatenate them
+
+
+def _block_shapes(cfg: GPTConfig) -> dict[ParamPath, tuple[int, ...]]:
+    """Shape of each leaf under ``trf_blocks`` for one layer (without the stacked L axis)."""
+    C = cfg.emb_dim
+    shapes: dict[ParamPath, tuple[int, ...]] = {
+        ("norm1", "scale"): (C,),
+        ("norm1", "shift"): (C,),
+        ("att", "out_proj", "kernel"): (C, C),
+        ("att", "out_proj", "bias"): (C,),
+        ("norm2", "scale"): (C,),
+        ("norm2", "shift"): (C,),
+        ("ff", "layers_0", "kernel"): (C, 4 * C),
+        ("ff", "layers_0", "bias"): (4 * C,),
+        ("ff", "layers_2", "kernel"): (4 * C, C),
+        ("ff", "layers_2", "bias"): (C,),
+    }
+    for name in _QKV:
+        shapes[("att", name, "kernel")] = (C, C)
+        if cfg.qkv_bias:
+            shapes[("att", name, "bias")] = (C,)
+    return shapes
+
+
+def _top_shapes(cfg: GPTConfig) -> dict[ParamPath, tuple[int, ...]]:
+    """Shape of each leaf outside ``trf_blocks``."""
+    C, V = cfg.emb_dim, cfg.vocab_size
+    shapes: dict[ParamPath, tuple[int, ...]] = {
+        ("tok_emb", "embedding"): (V, C),
+        ("pos_emb", "embedding"): (cfg.context_length, C),
+        ("final_norm", "scale"): (C,),
+        ("final_norm", "shift"): (C,),
+    }
+    if not cfg.tie_embeddings:
+        shapes[("out_head", "kernel")] = (C, V)
+    return shapes
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How an external checkpoint names and stores the GPT-2 tensors.
+
+    ``top`` and ``head`` map external names to top-level param paths; ``block`` maps the part
+    of a per-layer name after ``block_prefix.format(i=layer)`` to a path under ``trf_blocks``.
+    ``fused_qkv`` names per-layer tensors holding [query | key | value] along their last axis
+    and says which leaf (``kernel`` or ``bias``) they split into. Names in ``transposed`` hold
+    a matrix as (out, in), the transpose of a flax kernel. ``key_prefix`` is written before
+    every name but the head's and is optional on reading; names ending in one of ``ignored``
+    are buffers, not weights, and are skipped.
+    """
+
+    top: Mapping[str, ParamPath]
+    block: Mapping[str, ParamPath]
+    block_prefix: str
+    head: str
+    fused_qkv: Mapping[str, str] = field(default_factory=dict)
+    transposed: frozenset[str] = frozenset()
+    key_prefix: str = ""
+    ignored: tuple[str, ...] = ()
+
+    def expected_shapes(self, cfg: GPTConfig) -> dict[str, tuple[int, ...]]:
+        """Every external tensor a model with ``cfg`` has, by name (without ``key_prefix``), with its shape."""
+        top, block = _top_shapes(cfg), _block_shapes(cfg)
+        C = cfg.emb_dim
+        per_layer = {name: block[path] for name, path in self.block.items()}
+        for name, leaf in self.fused_qkv.items():
+            per_layer[name] = (C, 3 * C) if leaf == "kernel" else (3 * C,)
+        shapes = {name: top[path] for name, path in self.top.items()}
+        for i in range(cfg.n_layers):
+            prefix = self.block_prefix.format(i=i)
+            shapes.update({prefix + name: shape for name, shape in per_layer.items()})
+        if not cfg.tie_embeddings:
+            shapes[self.head] = top[("out_head", "kernel")]
+        return {name: self._stored(name, shape) for name, shape in shapes.items()}
+
+    def name_of(self, path: ParamPath) -> str:
+        """The external name of a top-level param path."""
+        return next(name for name, p in self.top.items() if p == path)
+
+    def _stored(self, name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+        return tuple(reversed(shape)) if self._is_transposed(name) else shape
+
+    def _is_transposed(self, name: str) -> bool:
+        return name in self.transposed or name.split(".", 2)[-1] in self.transposed
+
+    def strip_prefix(self, name: str) -> str:
+        return name[len(self.key_prefix) :] if self.key_prefix and name.startswith(self.key_prefix) else name
+
+    def add_prefix(self, name: str) -> str:
+        return name if name == self.head else self.key_prefix + name
+
+
+# Hugging Face GPT2LMHeadModel. Its Conv1D layers store weights as (in, out), like flax kernels,
+# so only the nn.Linear head is transposed. `attn.bias` / `attn.masked_bias` are the causal-mask
+# buffers older transformers versions saved with the weights.
+HF_GPT2 = Layout(
+    top={
+        "wte.weight": ("tok_emb", "embedding"),
+        "wpe.weight": ("pos_emb", "embedding"),
+        "ln_f.weight": ("final_norm", "scale"),
+        "ln_f.bias": ("final_norm", "shift"),
+    },
+    block={
+        "ln_1.weight": ("norm1", "scale"),
+        "ln_1.bias": ("norm1", "shift"),
+        "attn.c_proj.weight": ("att", "out_proj", "kernel"),
+        "attn.c_proj.bias": ("att", "out_proj", "bias"),
+        "ln_2.weight": ("norm2", "scale"),
+        "ln_2.bias": ("norm2", "shift"),
+        "mlp.c_fc.weight": ("ff", "layers_0", "kernel"),
+        "mlp.c_fc.bias": ("ff", "layers_0", "bias"),
+        "mlp.c_proj.weight": ("ff", "layers_2", "kernel"),
+        "mlp.c_proj.bias": ("ff", "layers_2", "bias"),
+    },
+    block_prefix="h.{i}.",
+    head="lm_head.weight",
+    fused_qkv={"attn.c_attn.weight": "kernel", "attn.c_attn.bias": "bias"},
+    transposed=frozenset({"lm_head.weight"}),
+    key_prefix="transformer.",
+    ignored=(".attn.bias", ".attn.masked_bias"),
+)
+
+
+def _shape_error(name: str, got: tuple[int, ...], expected: tuple[int, ...]) -> ValueError:
+    return ValueError(f"tensor {name!r} has shape {tuple(got)}, expected {tuple(expected)}")
+
+
+def _normalise(state: Mapping[str, Any], layout: Layout) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Drop buffers and the optional key prefix; also return each name's original spelling."""
+    tensors, original = {}, {}
+    for key, value in state.items():
+        name = layout.strip_prefix(key)
+        if layout.ignored and name.endswith(layout.ignored):
+            continue
+        if name in tensors:
+            raise ValueError(f"tensor {key!r} appears both with and without the {layout.key_prefix!r} prefix")
+        tensors[name], original[name] = np.asarray(value), key
+    return tensors, original
+
+
+def _check_names_and_shapes(
+    tensors: Mapping[str, np.ndarray], original: Mapping[str, str], layout: Layout, cfg: GPTConfig
+) -> None:
+    expected = layout.expected_shapes(cfg)
+    missing = [layout.add_prefix(n) for n in expected if n not in tensors]
+    if missing:
+        details = ", ".join(f"{n} {expected[layout.strip_prefix(n)]}" for n in missing)
+        raise ValueError(f"missing tensors (name and expected shape): {details}")
+    unexpected = [original[n] for n in tensors if n not in expected]
+    if unexpected:
+        raise ValueError(f"unexpected tensors for this config: {', '.join(unexpected)}")
+    for name, shape in expected.items():
+        if tensors[name].shape != shape:
+            raise _shape_error(original[name], tensors[name].shape, shape)
+
+
+def _import(state: Mapping[str, Any], cfg: GPTConfig, layout: Layout) -> Params:
+    """External tensors -> jaxgpt params, every name and shape checked first."""
+    tensors, original = _normalise(state, layout)
+    if cfg.tie_embeddings and layout.head in tensors:
+        # A tied model's file may still carry the head; accept it only if it is the embedding.
+        head, emb_name = tensors.pop(layout.head), layout.name_of(("tok_emb", "embedding"))
+        if emb_name in tensors and not np.array_equal(head, tensors[emb_name]):
+            raise ValueError(f"{layout.head!r} differs from {emb_name!r}: load it with tie_embeddings=False")
+    _check_names_and_shapes(tensors, original, layout, cfg)
+
+    def read(name: str) -> np.ndarray:
+        value = tensors[name].astype(np.float32)
+        return value.T if layout._is_transposed(name) else value
+
+    flat: dict[ParamPath, np.ndarray] = {path: read(name) for name, path in layout.top.items()}
+    if not cfg.tie_embeddings:
+        flat[("out_head", "kernel")] = read(layout.head)
+
+    layers: list[dict[ParamPath, np.ndarray]] = []
+    for i in range(cfg.n_layers):
+        prefix = layout.block_prefix.format(i=i)
+        layer = {path: read(prefix + name) for name, path in layout.block.items()}
+        for name, leaf in layout.fused_qkv.items():
+            parts = np.split(read(prefix + name), 3, axis=-1)
+            if leaf == "bias" and not cfg.qkv_bias:
+                if np.any(parts[0]) or np.any(parts[1]) or np.any(parts[2]):
+                    raise ValueError(f"{original[prefix + name]!r} is not zero: load it with qkv_bias=True")
+                continue
+            layer.update({("att", proj, leaf): part for proj, part in zip(_QKV, parts)})
+        layers.append(layer)
+    for path in layers[0]:
+        flat[("trf_blocks", *path)] = np.stack([layer[path] for layer in layers])  # (L, ...)
+    return jax.tree_util.tree_map(jnp.asarray, unflatten_dict(flat))
+
+
+def _export(params: Params, cfg: GPTConfig, layout: Layout) -> dict[str, np.ndarray]:
+    """jaxgpt params -> external tensors (NumPy, C-contiguous), every shape checked."""
+    flat = {path: np.asarray(value) for path, value in flatten_dict(params).items()}
+    expected_paths = set(_top_shapes(cfg)) | {("trf_blocks", *p) for p in _block_shapes(cfg)}
+    if set(flat) != expected_paths:
+        missing = sorted("/".join(p) for p in expected_paths - set(flat))
+        unexpected = sorted("/".join(p) for p in set(flat) - expected_paths)
+        raise ValueError(f"params do not match the config: missing {missing}, unexpected {unexpected}")
+
+    def write(name: str, value: np.ndarray) -> None:
+        out[layout.add_prefix(name)] = np.ascontiguousarray(value.T if layout._is_transposed(name) else value)
+
+    out: dict[str, np.ndarray] = {}
+    for name, path in layout.top.items():
+        write(name, flat[path])
+    for i in range(cfg.n_layers):
+        prefix = layout.block_prefix.format(i=i)
+        for name, path in layout.block.items():
+            write(prefix + name, flat[("trf_blocks", *path)][i])
+        for name, leaf in layout.fused_qkv.items():
+            if leaf == "bias" and not cfg.qkv_bias:  # the external layout always has one: zeros
+                parts = [np.zeros((cfg.emb_dim,), flat[("trf_blocks", "att", "out_proj", "bias")].dtype)] * 3
+            else:
+                parts = [flat[("trf_blocks", "att", proj, leaf)][i] for proj in _QKV]
+            write(prefix + name, np.concatenate(parts, axis=-1))
+    if not cfg.tie_embeddings:
+        write(layout.head, flat[("out_head", "kernel")])
+
+    for name, shape in layout.expected_shapes(cfg).items():
+        stored = out[layout.add_prefix(name)]
+        if stored.shape != shape:
+            raise _shape_error(layout.add_prefix(name), stored.shape, shape)
+    return out
+
+
+# ----------------------------------------------------------------------------- Hugging Face GPT-2
+
+# Activations that are GPT-2's tanh approximation of GELU (the model's `gelu`).
+_TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+
+
+def gpt_config_from_hf(hf_config: Mapping[str, Any]) -> GPTConfig:
+    """The GPTConfig of a Hugging Face GPT-2 ``config.json`` (as a dict).
+
+    Raises ValueError for settings jaxgpt's model cannot reproduce (another activation or
+    LayerNorm epsilon, a non-4x MLP, unscaled or layer-scaled attention, cross-attention).
+    """
+    def get(key: str, default: Any) -> Any:
+        value = hf_config.get(key)
+        return default if value is None else value
+
+    model_type = get("model_type", "gpt2")
+    if model_type != "gpt2":
+        raise ValueError(f"model_type is {model_type!r}, expected 'gpt2'")
+    activation = get("activation_function", "gelu_new")
+    if activation not in _TANH_GELUS:
+        raise ValueError(f"activation_function is {activation!r}; jaxgpt uses GPT-2's tanh GELU {_TANH_GELUS}")
+    eps = float(get("layer_norm_epsilon", 1e-5))
+    if not np.isclose(eps, 1e-5, rtol=1e-6, atol=0.0):
+        raise ValueError(f"layer_norm_epsilon is {eps}; jaxgpt's LayerNorm uses 1e-5")
+    n_embd = int(get("n_embd", 768))
+    n_inner = get("n_inner", 4 * n_embd)
+    if n_inner != 4 * n_embd:
+        raise ValueError(f"n_inner is {n_inner}; jaxgpt's feed-forward width is 4 * n_embd = {4 * n_embd}")
+    for key, supported in [
+        ("scale_attn_weights", True),
+        ("scale_attn_by_inverse_layer_idx", False),
+        ("add_cross_attention", False),
+    ]:
+        if bool(get(key, supported)) != supported:
+            raise ValueError(f"{key}={get(key, supported)!r} is not supported (jaxgpt needs {supported})")
+
+    return GPTConfig(
+        vocab_size=int(get("vocab_size", 50257)),
+        context_length=int(get("n_positions", get("n_ctx", 1024))),
+        emb_dim=n_embd,
+        n_heads=int(get("n_head", 12)),
+        n_layers=int(get("n_layer", 12)),
+        drop_rate=float(get("resid_pdrop", 0.1)),
+        qkv_bias=True,  # GPT-2's c_attn always has a bias
+        tie_embeddings=bool(get("tie_word_embeddings", True)),
+    )
+
+
+def hf_config_from_gpt(cfg: GPTConfig) -> dict[str, Any]:
+    """The Hugging Face ``config.json`` contents describing ``cfg`` (inverse of :func:`gpt_config_from_hf`)."""
+    eot = 50256  # GPT-2's <|endoftext|>, only meaningful when the vocabulary contains it
+    return {
+        "model_type": "gpt2",
+        "architectures": ["GPT2LMHeadModel"],
+        "vocab_size": cfg.vocab_size,
+        "n_positions": cfg.context_length,
+        "n_ctx": cfg.context_length,
+        "n_embd": cfg.emb_dim,
+        "n_head": cfg.n_heads,
+        "n_layer": cfg.n_layers,
+        "n_inner": None,
+        "activation_function": "gelu_new",
+        "layer_norm_epsilon": 1e-5,
+        "resid_pdrop": cfg.drop_rate,
+        "embd_pdrop": cfg.drop_rate,
+        "attn_pdrop": cfg.drop_rate,
+        "initializer_range": 0.02,
+        "scale_attn_weights": True,
+        "scale_attn_by_inverse_layer_idx": False,
+        "reorder_and_upcast_attn": False,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "bos_token_id": eot if cfg.vocab_size > eot else None,
+        "eos_token_id": eot if cfg.vocab_size > eot else None,
+        "torch_dtype": "float32",
+    }
+
+
+def params_from_hf(state: Mapping[str, Any], cfg: GPTConfig) -> Params:
+    """Hugging Face GPT-2 tensors (names with or without ``transformer.``) -> jaxgpt params.
+
+    ``c_attn`` (C, 3C) is split into W_query, W_key and W_value; per-layer tensors are stacked
+    on a leading layer axis; ``lm_head.weight`` becomes ``out_head/kernel`` (transposed) when
+    ``cfg.tie_embeddings`` is False, and must equal ``wte`` otherwise. Missing or unexpected
+    tensors, or a wrong shape, raise ValueError naming the tensor (and both shapes).
+    """
+    return _import(state, cfg, HF_GPT2)
+
+
+def params_to_hf(params: Params, cfg: GPTConfig) -> dict[str, np.ndarray]:
+    """jaxgpt params -> Hugging Face GPT-2 tensors named as ``save_pretrained`` writes them.
+
+    ``lm_head.weight`` is included only for an untied head. With ``qkv_bias=False`` the
+    ``c_attn.bias`` Hugging Face needs is written as zeros.
+    """
+    return _export(params, cfg, HF_GPT2)
+
+
+def hf_head_is_tied(state: Mapping[str, Any]) -> bool:
+    """Whether a Hugging Face state has no ``lm_head.weight`` of its own (or one equal to ``wte``)."""
+    tensors, _ = _normalise(state, HF_GPT2)
+    head, emb = tensors.get(HF_GPT2.head), tensors.get("wte.weight")
+    return head is None or (emb is not None and np.array_equal(head, emb))
+
+
+_CONFIG_FILE = "config.json"
+_WEIGHTS_FILE = "model.safetensors"
+
+
+def load_hf_gpt2(path: str | Path) -> tuple[GPTConfig, Params]:
+    """Read a local Hugging Face GPT-2 directory (``config.json`` + ``model.safetensors``).
+
+    Needs no torch. The head is untied when the config says so or when the file carries an
+    ``lm_head.weight`` that differs from ``wte``; the returned config records which.
+    """
+    from safetensors.numpy import load_file
+
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"no Hugging Face model directory at {path}")
+    for file in (_CONFIG_FILE, _WEIGHTS_FILE):
+        if not (path / file).is_file():
+            raise FileNotFoundError(f"{path / file} not found (a GPT-2 directory needs {_CONFIG_FILE} and {_WEIGHTS_FILE})")
+    cfg = gpt_config_from_hf(json.loads((path / _CONFIG_FILE).read_text()))
+    state = load_file(path / _WEIGHTS_FILE)
+    cfg = cfg.replace(tie_embeddings=cfg.tie_embeddings and hf_head_is_tied(state))
+    return cfg, params_from_hf(state, cfg)
+
+
+def save_hf_gpt2(cfg: GPTConfig, params: Params, path: str | Path) -> None:
+    """Write ``params`` as a Hugging Face GPT-2 directory that ``GPT2LMHeadModel.from_pretrained`` loads.
+
+    jaxgpt-only settings (compute dtype, remat, scan unroll) are not part of the Hugging Face
+    format and are not written.
+    """
+    from safetensors.numpy import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {name: value.astype(np.float32) for name, value in params_to_hf(params, cfg).items()}
+    (path / _CONFIG_FILE).write_text(json.dumps(hf_config_from_gpt(cfg), indent=2) + "\n")
+    save_file(tensors, path / _WEIGHTS_FILE, metadata={"format": "pt"})  # transformers requires the format tag
