@@ -78,8 +78,28 @@ pieces = [tokenizer.decode([int(i)]) for i in ids[0]]
 print("pieces:", pieces)
 
 # The book's printed ids for this sentence (section 2.5).
-book_ids = [15496, 11, 466, 345, 588, 8887, 30, 220, 50256, 554, 262, 4252, 18250, 8812, 2114, 286, 617,
-            34680, 27271, 13]
+book_ids = [
+    15496,
+    11,
+    466,
+    345,
+    588,
+    8887,
+    30,
+    220,
+    50256,
+    554,
+    262,
+    4252,
+    18250,
+    8812,
+    2114,
+    286,
+    617,
+    34680,
+    27271,
+    13,
+]
 assert ids[0].tolist() == book_ids
 assert tokenizer.n_vocab == 50257 and ids[0, 8] == jaxgpt.tokenizer.EOT_ID
 assert jaxgpt.token_ids_to_text(ids) == text  # decoding gives back the exact text
@@ -129,7 +149,7 @@ if corpus_name.startswith("the book"):
 # %%
 L = 4
 n_tokens = len(enc_text)
-print(f"{'stride':>6} {'windows':>8} {'shared with next':>17} {'skipped between':>16} {'max uses of a token':>20}")
+print(f"{'stride':>6} {'windows':>8} {'shared with next':>17} {'skipped between':>16} {'max uses':>9}")
 rows = {}
 for stride in (1, 2, 4, 6):
     x, _ = jaxgpt.sliding_windows(enc_text, max_length=L, stride=stride)
@@ -143,7 +163,7 @@ for stride in (1, 2, 4, 6):
         uses[s0 : s0 + L] += 1
     shared, skipped = max(L - stride, 0), max(stride - L, 0)
     rows[stride] = (len(x), shared, skipped, uses.max())
-    print(f"{stride:>6} {len(x):>8,} {shared:>17} {skipped:>16} {uses.max():>20}")
+    print(f"{stride:>6} {len(x):>8,} {shared:>17} {skipped:>16} {uses.max():>9}")
     assert len(x) == len(starts) == -(-(n_tokens - L) // stride)  # ceil((n - L) / s)
     assert (x[:, 0] == np.asarray(enc_text)[starts]).all()
     if len(x) > 1:
@@ -153,7 +173,7 @@ assert rows[4][1] == 0 and rows[1][1] == 3 and rows[6][2] == 2
 
 # A picture of the first windows over the first 20 tokens, for each stride.
 fig, axes = plt.subplots(4, 1, figsize=(8, 5.2), sharex=True)
-for ax, stride in zip(axes, (1, 2, 4, 6)):
+for ax, stride in zip(axes, (1, 2, 4, 6), strict=True):
     starts = list(range(0, 20 - L + 1, stride))[:6]
     for row, s0 in enumerate(starts):
         ax.barh(row, L, left=s0, height=0.7, color=f"C{row % 10}", alpha=0.75, edgecolor="k")
@@ -182,7 +202,7 @@ log_p = np.log(counts / counts.sum())
 window_loss = -log_p[y_all].mean(axis=1)  # (N,) each window's unigram cross-entropy, in nats
 batch_sizes = (1, 2, 4, 8, 16)
 spread = {}
-print(f"{'B':>3} {'batches/epoch':>14} {'activations/layer (emb_dim=768, fp32)':>38} {'std of batch loss':>18}")
+print(f"{'B':>3} {'batches/epoch':>14} {'activations per layer (C=768)':>30} {'std of batch loss':>18}")
 for B in batch_sizes:
     loader = DataLoader(x_all, y_all, batch_size=B, shuffle=True, drop_last=True, seed=0)
     means = []
@@ -191,10 +211,10 @@ for B in batch_sizes:
         means.append(window_loss[order].mean(axis=1))
     spread[B] = float(np.concatenate(means).std())
     act_mb = B * T * 768 * 4 / 2**20
-    print(f"{B:>3} {len(loader):>14} {act_mb:>34.2f} MB {spread[B]:>18.4f}")
+    print(f"{B:>3} {len(loader):>14} {act_mb:>26.2f} MB {spread[B]:>18.4f}")
 ratio = spread[1] / spread[16]
 print(f"std(B=1) / std(B=16) = {ratio:.2f} (1/sqrt(B) predicts {np.sqrt(16):.2f})")
-assert all(spread[a] > spread[b] for a, b in zip(batch_sizes, batch_sizes[1:]))
+assert all(spread[a] > spread[b] for a, b in zip(batch_sizes[:-1], batch_sizes[1:], strict=True))
 assert 2.5 < ratio < 6.0
 
 fig, ax = plt.subplots(figsize=(5, 3.2))
@@ -228,8 +248,14 @@ token_embeddings = tok_table[x_batch]  # (8, 4, 256): one row of the table per t
 pos_embeddings = pos_table[jnp.arange(4)]  # (4, 256): one vector per position
 input_embeddings = token_embeddings + pos_embeddings[None, :, :]  # (8, 4, 256)
 print("token embedding table:", tok_table.shape, " positional table:", pos_table.shape)
-print("token embeddings:", token_embeddings.shape, "+ positional:", pos_embeddings.shape,
-      "-> input embeddings:", input_embeddings.shape)
+print(
+    "token embeddings:",
+    token_embeddings.shape,
+    "+ positional:",
+    pos_embeddings.shape,
+    "-> input embeddings:",
+    input_embeddings.shape,
+)
 assert x_batch.shape == (8, 4) and input_embeddings.shape == (8, 4, 256)
 assert tok_table.shape == (50257, 256) and pos_table.shape == (4, 256)
 
