@@ -99,29 +99,28 @@ class Layout:
     ignored: tuple[str, ...] = ()
 
     def expected_shapes(self, cfg: GPTConfig) -> dict[str, tuple[int, ...]]:
-        """Every external tensor a model with ``cfg`` has, by name (without ``key_prefix``), with its shape."""
+        """Name (without ``key_prefix``) -> stored shape of every external tensor a ``cfg`` model has."""
         top, block = _top_shapes(cfg), _block_shapes(cfg)
         C = cfg.emb_dim
         per_layer = {name: block[path] for name, path in self.block.items()}
         for name, leaf in self.fused_qkv.items():
             per_layer[name] = (C, 3 * C) if leaf == "kernel" else (3 * C,)
-        shapes = {name: top[path] for name, path in self.top.items()}
+        per_layer = {name: self.stored_shape(name, shape) for name, shape in per_layer.items()}
+        shapes = {name: self.stored_shape(name, top[path]) for name, path in self.top.items()}
         for i in range(cfg.n_layers):
             prefix = self.block_prefix.format(i=i)
             shapes.update({prefix + name: shape for name, shape in per_layer.items()})
         if not cfg.tie_embeddings:
-            shapes[self.head] = top[("out_head", "kernel")]
-        return {name: self._stored(name, shape) for name, shape in shapes.items()}
+            shapes[self.head] = self.stored_shape(self.head, top[("out_head", "kernel")])
+        return shapes
 
     def name_of(self, path: ParamPath) -> str:
         """The external name of a top-level param path."""
         return next(name for name, p in self.top.items() if p == path)
 
-    def _stored(self, name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
-        return tuple(reversed(shape)) if self._is_transposed(name) else shape
-
-    def _is_transposed(self, name: str) -> bool:
-        return name in self.transposed or name.split(".", 2)[-1] in self.transposed
+    def stored_shape(self, key: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """How the table entry ``key`` stores a param of (flax) ``shape``."""
+        return tuple(reversed(shape)) if key in self.transposed else shape
 
     def strip_prefix(self, name: str) -> str:
         return name[len(self.key_prefix) :] if self.key_prefix and name.startswith(self.key_prefix) else name
@@ -170,7 +169,7 @@ def _normalise(state: Mapping[str, Any], layout: Layout) -> tuple[dict[str, np.n
     tensors, original = {}, {}
     for key, value in state.items():
         name = layout.strip_prefix(key)
-        if layout.ignored and name.endswith(layout.ignored):
+        if name.endswith(layout.ignored):
             continue
         if name in tensors:
             raise ValueError(f"tensor {key!r} appears both with and without the {layout.key_prefix!r} prefix")
@@ -204,25 +203,26 @@ def _import(state: Mapping[str, Any], cfg: GPTConfig, layout: Layout) -> Params:
             raise ValueError(f"{layout.head!r} differs from {emb_name!r}: load it with tie_embeddings=False")
     _check_names_and_shapes(tensors, original, layout, cfg)
 
-    def read(name: str) -> np.ndarray:
-        value = tensors[name].astype(np.float32)
-        return value.T if layout._is_transposed(name) else value
+    def read(key: str, prefix: str = "") -> np.ndarray:
+        """The tensor of table entry ``key`` (in layer ``prefix``) as a float32 flax-layout array."""
+        value = tensors[prefix + key].astype(np.float32)
+        return value.T if key in layout.transposed else value
 
-    flat: dict[ParamPath, np.ndarray] = {path: read(name) for name, path in layout.top.items()}
+    flat: dict[ParamPath, np.ndarray] = {path: read(key) for key, path in layout.top.items()}
     if not cfg.tie_embeddings:
         flat[("out_head", "kernel")] = read(layout.head)
 
     layers: list[dict[ParamPath, np.ndarray]] = []
     for i in range(cfg.n_layers):
         prefix = layout.block_prefix.format(i=i)
-        layer = {path: read(prefix + name) for name, path in layout.block.items()}
+        layer = {path: read(key, prefix) for key, path in layout.block.items()}
         for name, leaf in layout.fused_qkv.items():
-            parts = np.split(read(prefix + name), 3, axis=-1)
+            parts = np.split(read(name, prefix), 3, axis=-1)
             if leaf == "bias" and not cfg.qkv_bias:
                 if np.any(parts[0]) or np.any(parts[1]) or np.any(parts[2]):
                     raise ValueError(f"{original[prefix + name]!r} is not zero: load it with qkv_bias=True")
                 continue
-            layer.update({("att", proj, leaf): part for proj, part in zip(_QKV, parts)})
+            layer.update({("att", proj, leaf): part for proj, part in zip(_QKV, parts, strict=True)})
         layers.append(layer)
     for path in layers[0]:
         flat[("trf_blocks", *path)] = np.stack([layer[path] for layer in layers])  # (L, ...)
@@ -238,22 +238,24 @@ def _export(params: Params, cfg: GPTConfig, layout: Layout) -> dict[str, np.ndar
         unexpected = sorted("/".join(p) for p in set(flat) - expected_paths)
         raise ValueError(f"params do not match the config: missing {missing}, unexpected {unexpected}")
 
-    def write(name: str, value: np.ndarray) -> None:
-        out[layout.add_prefix(name)] = np.ascontiguousarray(value.T if layout._is_transposed(name) else value)
+    def write(key: str, value: np.ndarray, prefix: str = "") -> None:
+        """Store a flax-layout array as table entry ``key`` (in layer ``prefix``)."""
+        value = value.T if key in layout.transposed else value
+        out[layout.add_prefix(prefix + key)] = np.ascontiguousarray(value)
 
     out: dict[str, np.ndarray] = {}
-    for name, path in layout.top.items():
-        write(name, flat[path])
+    for key, path in layout.top.items():
+        write(key, flat[path])
     for i in range(cfg.n_layers):
         prefix = layout.block_prefix.format(i=i)
-        for name, path in layout.block.items():
-            write(prefix + name, flat[("trf_blocks", *path)][i])
-        for name, leaf in layout.fused_qkv.items():
+        for key, path in layout.block.items():
+            write(key, flat[("trf_blocks", *path)][i], prefix)
+        for key, leaf in layout.fused_qkv.items():
             if leaf == "bias" and not cfg.qkv_bias:  # the external layout always has one: zeros
-                parts = [np.zeros((cfg.emb_dim,), flat[("trf_blocks", "att", "out_proj", "bias")].dtype)] * 3
+                fused = np.zeros((3 * cfg.emb_dim,), np.float32)
             else:
-                parts = [flat[("trf_blocks", "att", proj, leaf)][i] for proj in _QKV]
-            write(prefix + name, np.concatenate(parts, axis=-1))
+                fused = np.concatenate([flat[("trf_blocks", "att", proj, leaf)][i] for proj in _QKV], axis=-1)
+            write(key, fused, prefix)
     if not cfg.tie_embeddings:
         write(layout.head, flat[("out_head", "kernel")])
 
@@ -276,6 +278,7 @@ def gpt_config_from_hf(hf_config: Mapping[str, Any]) -> GPTConfig:
     Raises ValueError for settings jaxgpt's model cannot reproduce (another activation or
     LayerNorm epsilon, a non-4x MLP, unscaled or layer-scaled attention, cross-attention).
     """
+
     def get(key: str, default: Any) -> Any:
         value = hf_config.get(key)
         return default if value is None else value
@@ -285,7 +288,7 @@ def gpt_config_from_hf(hf_config: Mapping[str, Any]) -> GPTConfig:
         raise ValueError(f"model_type is {model_type!r}, expected 'gpt2'")
     activation = get("activation_function", "gelu_new")
     if activation not in _TANH_GELUS:
-        raise ValueError(f"activation_function is {activation!r}; jaxgpt uses GPT-2's tanh GELU {_TANH_GELUS}")
+        raise ValueError(f"activation_function is {activation!r}; jaxgpt supports {_TANH_GELUS}")
     eps = float(get("layer_norm_epsilon", 1e-5))
     if not np.isclose(eps, 1e-5, rtol=1e-6, atol=0.0):
         raise ValueError(f"layer_norm_epsilon is {eps}; jaxgpt's LayerNorm uses 1e-5")
@@ -314,7 +317,9 @@ def gpt_config_from_hf(hf_config: Mapping[str, Any]) -> GPTConfig:
 
 
 def hf_config_from_gpt(cfg: GPTConfig) -> dict[str, Any]:
-    """The Hugging Face ``config.json`` contents describing ``cfg`` (inverse of :func:`gpt_config_from_hf`)."""
+    """Hugging Face ``config.json`` contents for ``cfg`` (the inverse of :func:`gpt_config_from_hf`)."""
+    if not getattr(cfg, "norm_first", True):
+        raise ValueError("norm_first=False (Post-LN) has no Hugging Face GPT-2 equivalent, which is Pre-LN")
     eot = 50256  # GPT-2's <|endoftext|>, only meaningful when the vocabulary contains it
     return {
         "model_type": "gpt2",
@@ -386,7 +391,9 @@ def load_hf_gpt2(path: str | Path) -> tuple[GPTConfig, Params]:
         raise FileNotFoundError(f"no Hugging Face model directory at {path}")
     for file in (_CONFIG_FILE, _WEIGHTS_FILE):
         if not (path / file).is_file():
-            raise FileNotFoundError(f"{path / file} not found (a GPT-2 directory needs {_CONFIG_FILE} and {_WEIGHTS_FILE})")
+            raise FileNotFoundError(
+                f"{path / file} not found: a GPT-2 directory needs {_CONFIG_FILE} and {_WEIGHTS_FILE}"
+            )
     cfg = gpt_config_from_hf(json.loads((path / _CONFIG_FILE).read_text()))
     state = load_file(path / _WEIGHTS_FILE)
     cfg = cfg.replace(tie_embeddings=cfg.tie_embeddings and hf_head_is_tied(state))
@@ -405,4 +412,5 @@ def save_hf_gpt2(cfg: GPTConfig, params: Params, path: str | Path) -> None:
     path.mkdir(parents=True, exist_ok=True)
     tensors = {name: value.astype(np.float32) for name, value in params_to_hf(params, cfg).items()}
     (path / _CONFIG_FILE).write_text(json.dumps(hf_config_from_gpt(cfg), indent=2) + "\n")
-    save_file(tensors, path / _WEIGHTS_FILE, metadata={"format": "pt"})  # transformers requires the format tag
+    # transformers refuses safetensors files without this format tag.
+    save_file(tensors, path / _WEIGHTS_FILE, metadata={"format": "pt"})
