@@ -10,6 +10,7 @@ from jaxgpt.generate import generate
 from jaxgpt.loss import calc_loss_batch, calc_loss_loader, cross_entropy
 from jaxgpt.model import GPTModel, count_params, init_cache, init_params
 from jaxgpt.tokenizer import get_tokenizer, text_to_token_ids, token_ids_to_text
+from jaxgpt.weights import load_hf_gpt2, params_from_hf, params_to_hf, save_hf_gpt2
 
 __all__ = [
     "PRESETS",
@@ -26,6 +27,10 @@ __all__ = [
     "get_tokenizer",
     "init_cache",
     "init_params",
+    "load_hf_gpt2",
+    "params_from_hf",
+    "params_to_hf",
+    "save_hf_gpt2",
     "sliding_windows",
     "text_to_token_ids",
     "token_ids_to_text",
