@@ -1,35 +1,341 @@
-"""Text generation: the book's ``generate_text_simple`` (4.7) as a pure function."""
+"""Text generation: the book's decoding strategies (4.7, 5.3) with a KV cache, compiled once.
+
+Pure helpers turn next-token logits (B, V) into token ids, in the order Hugging Face applies
+them: temperature scaling, then top-k (the book's mask below the k-th largest logit), then
+top-p (nucleus), then a draw from the softmax with an explicit ``jax.random`` key. A
+temperature of 0 means greedy decoding (argmax), the book's ``generate_text_simple``.
+
+:func:`generate` runs the model the way a JAX user expects: one prefill pass writes the
+prompt into a preallocated key/value cache, then a single jitted ``lax.while_loop`` feeds one
+token per step. The shapes depend only on (batch, prompt length, max_new_tokens), so the whole
+decode compiles once, however many tokens it produces. Prompts of different lengths are left
+padded; the cache's ``start`` hides the padding and shifts each row's positions, so every row
+sees exactly its own tokens.
+
+When prompt + new tokens no longer fit in ``context_length``, the book crops the input to its
+last ``context_length`` tokens. GPT-2's positional embeddings are absolute, so every cached key
+changes once the window slides; the overflowing steps therefore recompute the whole window
+(still inside the same jitted function): slower, never wrong.
+
+Shapes: B batch, T prompt tokens (after left padding), N max_new_tokens, V vocab_size.
+"""
 
 from __future__ import annotations
 
 import functools
+import numbers
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxgpt.config import GPTConfig
-from jaxgpt.model import GPTModel, Params
+from jaxgpt.model import GPTModel, KVCache, Params, init_cache
 
 Array = jax.Array
 
+# Decode steps run the transformer stack fully unrolled (same params, no scan over layers):
+# on a 2-core CPU the scan's per-layer loop overhead dominated a B=1 token step.
+UNROLL_LAYERS_FOR_DECODE = True
 
-@functools.partial(jax.jit, static_argnames="cfg")
-def _next_token_logits(params: Params, cfg: GPTConfig, ids: Array) -> Array:
-    return GPTModel(cfg).apply({"params": params}, ids, deterministic=True)[:, -1, :]  # (B, V)
+
+# ----------------------------------------------------------------------------- sampling helpers
 
 
-def generate(params: Params, cfg: GPTConfig, ids: Array, max_new_tokens: int) -> Array:
-    """Greedily extend ``ids`` (B, T) by ``max_new_tokens`` tokens -> (B, T + max_new_tokens).
+def apply_temperature(logits: Array, temperature: float | Array) -> Array:
+    """Logits divided by ``temperature`` (> 0): below 1 sharpens the softmax, above 1 flattens it."""
+    return logits / temperature
 
-    Each step conditions on the last ``context_length`` tokens and appends the argmax.
+
+def top_k_mask(logits: Array, top_k: int) -> Array:
+    """Logits (..., V) with every entry below the ``top_k``-th largest set to -inf (book 5.3.2).
+
+    Entries tied with the k-th largest survive, as in the book's ``torch.where(logits < min_val, ...)``.
     """
-    ids = jnp.asarray(ids, dtype=jnp.int32)
-    if ids.ndim != 2 or ids.shape[1] == 0:
-        raise ValueError(f"ids must be a non-empty (B, T) array of token ids, got shape {ids.shape}")
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    for _ in range(max_new_tokens):
-        logits = _next_token_logits(params, cfg, ids[:, -cfg.context_length :])
-        next_id = jnp.argmax(logits, axis=-1, keepdims=True).astype(jnp.int32)  # (B, 1)
-        ids = jnp.concatenate([ids, next_id], axis=1)
-    return ids
+    top_logits, _ = jax.lax.top_k(logits, top_k)  # (..., k), descending
+    min_val = top_logits[..., -1:]  # (..., 1)
+    return jnp.where(logits < min_val, -jnp.inf, logits)
+
+
+def top_p_mask(logits: Array, top_p: float | Array) -> Array:
+    """Logits (..., V) keeping only the nucleus: the likeliest tokens whose mass first reaches ``top_p``.
+
+    A token survives when the probability mass of the tokens ranked above it is below ``top_p``,
+    so the most likely token always survives; the rest are set to -inf.
+    """
+    sorted_logits = -jnp.sort(-logits, axis=-1)  # (..., V), descending
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs  # (..., V): mass ranked strictly above each token
+    n_keep = jnp.sum(mass_before < top_p, axis=-1, keepdims=True)  # (..., 1), at least 1
+    threshold = jnp.take_along_axis(sorted_logits, n_keep - 1, axis=-1)  # (..., 1): smallest kept logit
+    return jnp.where(logits < threshold, -jnp.inf, logits)
+
+
+def _next_token(
+    logits: Array,
+    key: Array,
+    temperature: float | Array,
+    top_p: float | Array,
+    *,
+    greedy: bool,
+    top_k: int | None,
+    use_top_p: bool,
+) -> Array:
+    """(B, V) logits -> (B,) int32 token ids; the branches are static, the values may be traced."""
+    if greedy:  # top-k and top-p never change the argmax
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = apply_temperature(logits.astype(jnp.float32), temperature)
+    if top_k is not None:
+        logits = top_k_mask(logits, top_k)
+    if use_top_p:
+        logits = top_p_mask(logits, top_p)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)  # multinomial draw
+
+
+_next_token_jit = jax.jit(_next_token, static_argnames=("greedy", "top_k", "use_top_p"))
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check_sampling_args(
+    temperature: Any, top_k: Any, top_p: Any, key: Any, vocab_size: int
+) -> tuple[float, int | None, float | None]:
+    """Validate the sampling arguments before any work starts; return them as plain Python numbers."""
+    real = isinstance(temperature, numbers.Real) and not isinstance(temperature, bool)
+    if not real or not np.isfinite(temperature):
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None:
+        if not _is_int(top_k) or not 1 <= top_k <= vocab_size:
+            raise ValueError(f"top_k must be in [1, vocab_size={vocab_size}] or None, got {top_k!r}")
+        top_k = int(top_k)
+    if top_p is not None:
+        if isinstance(top_p, bool) or not isinstance(top_p, numbers.Real) or not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p must be a number in (0, 1] or None, got {top_p!r}")
+        top_p = float(top_p)
+    if temperature > 0 and key is None:
+        raise ValueError("key is required when sampling (temperature > 0): pass e.g. key=jax.random.key(0)")
+    return float(temperature), top_k, top_p
+
+
+def sample_next_token(
+    logits: Array,
+    key: Array | None = None,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+) -> Array:
+    """Next-token ids (B,) from logits (B, V): greedy when ``temperature`` is 0, else a draw.
+
+    The draw applies temperature, then :func:`top_k_mask`, then :func:`top_p_mask`, and samples
+    from the softmax of what is left with ``key``.
+    """
+    temperature, top_k, top_p = _check_sampling_args(temperature, top_k, top_p, key, logits.shape[-1])
+    use_top_p = top_p is not None and top_p < 1.0
+    return _next_token_jit(
+        jnp.asarray(logits),
+        key if key is not None else jax.random.key(0),
+        temperature,
+        top_p if use_top_p else 1.0,
+        greedy=temperature == 0.0,
+        top_k=top_k,
+        use_top_p=use_top_p,
+    )
+
+
+# ----------------------------------------------------------------------------- the decode loop
+
+
+def _apply(params: Params, cfg: GPTConfig, idx: Array, cache: KVCache) -> tuple[Array, KVCache]:
+    """One model call with a cache: idx (B, T) -> last position's logits (B, V) and the new cache."""
+    logits, cache = GPTModel(cfg).apply({"params": params}, idx, cache=cache)
+    return logits[:, -1, :], cache
+
+
+def decode_config(cfg: GPTConfig) -> GPTConfig:
+    """The config decoding runs with: the same params, the layer stack unrolled (see the module docs)."""
+    return cfg.replace(scan_unroll=cfg.n_layers) if UNROLL_LAYERS_FOR_DECODE else cfg
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("cfg", "max_new_tokens", "greedy", "top_k", "use_top_p", "eos_id", "callback"),
+)
+def _generate_padded(
+    params: Params,
+    prompt: Array,
+    start: Array,
+    key: Array,
+    temperature: Array,
+    top_p: Array,
+    *,
+    cfg: GPTConfig,
+    max_new_tokens: int,
+    greedy: bool,
+    top_k: int | None,
+    use_top_p: bool,
+    eos_id: int | None,
+    callback: Callable[[Any, Any], None] | None,
+) -> Array:
+    """Left-padded prompts (B, T <= context_length) with ``start`` (B,) padding slots -> new tokens (B, N)."""
+    B, T = prompt.shape
+    N, ctx = max_new_tokens, cfg.context_length
+    n_cached = min(N, ctx - T + 1)  # tokens whose history fits in the cache (the first from the prefill)
+    size = max(T, min(T + N - 1, ctx))  # cache slots: the prompt plus every token fed back
+    pad = 0 if eos_id is None else eos_id
+
+    static = dict(greedy=greedy, top_k=top_k, use_top_p=use_top_p)
+
+    def pick(logits: Array, t: Array, done: Array) -> tuple[Array, Array]:
+        step_key = jax.random.fold_in(key, t)
+        tok = _next_token(logits, step_key, temperature, top_p, **static)
+        if eos_id is not None:
+            tok = jnp.where(done, eos_id, tok)  # finished rows keep emitting eos
+            done = done | (tok == eos_id)
+        if callback is not None:
+            jax.debug.callback(callback, t, tok, ordered=True)
+        return tok, done
+
+    def running(t: Array, done: Array, stop: int) -> Array:
+        return (t < stop) & ~jnp.all(done) if eos_id is not None else t < stop
+
+    # Prefill: the whole (padded) prompt in one pass; every row's last real token sits at slot T - 1.
+    cache = init_cache(cfg, B, size, start)
+    logits, cache = _apply(params, cfg, prompt, cache)
+    tok, done = pick(logits, jnp.int32(0), jnp.zeros((B,), bool))
+    out = jnp.full((B, N), pad, jnp.int32).at[:, 0].set(tok)  # (B, N)
+
+    def cached_step(carry):
+        t, tok, cache, out, done = carry
+        logits, cache = _apply(params, cfg, tok[:, None], cache)  # feed token t-1 at slot T + t - 1
+        tok, done = pick(logits, t, done)
+        return t + 1, tok, cache, jax.lax.dynamic_update_slice(out, tok[:, None], (0, t)), done
+
+    t, tok, cache, out, done = jax.lax.while_loop(
+        lambda c: running(c[0], c[4], n_cached), cached_step, (jnp.int32(1), tok, cache, out, done)
+    )
+    if N == n_cached:
+        return out
+
+    # The window slides: recompute the last ctx tokens of each row for every further token.
+    buffer = jnp.concatenate([prompt, out], axis=1)  # (B, T + N)
+
+    def window_step(carry):
+        t, buffer, done = carry
+        offset = T + t - ctx  # first slot of the window; >= 1 here
+        window = jax.lax.dynamic_slice_in_dim(buffer, offset, ctx, axis=1)  # (B, ctx)
+        window_start = jnp.clip(start - offset, 0, ctx)  # (B,): padding still inside the window
+        logits, _ = _apply(params, cfg, window, init_cache(cfg, B, ctx, window_start))
+        tok, done = pick(logits, t, done)
+        return t + 1, jax.lax.dynamic_update_slice(buffer, tok[:, None], (0, T + t)), done
+
+    _, buffer, _ = jax.lax.while_loop(lambda c: running(c[0], c[2], N), window_step, (t, buffer, done))
+    return buffer[:, T:]
+
+
+def _as_prompts(ids: Any, vocab_size: int) -> tuple[list[np.ndarray], bool]:
+    """(B, T) array or a list of token-id sequences -> list of 1-D int32 rows, and whether it was ragged."""
+    ragged = isinstance(ids, (list, tuple)) and len(ids) > 0 and not np.isscalar(ids[0])
+    if ragged:
+        rows = []
+        for i, row in enumerate(ids):
+            arr = np.asarray(row)
+            if arr.ndim != 1 or arr.size == 0:
+                raise ValueError(f"ids[{i}] must be a non-empty sequence of token ids, got shape {arr.shape}")
+            rows.append(arr)
+    else:
+        arr = np.asarray(ids)
+        if arr.ndim != 2 or arr.shape[0] == 0 or arr.shape[1] == 0:
+            raise ValueError(
+                "ids must be a non-empty (B, T) array of token ids or a list of token-id lists, "
+                f"got shape {arr.shape}"
+            )
+        rows = list(arr)
+    for i, row in enumerate(rows):
+        if not np.issubdtype(row.dtype, np.integer):
+            raise ValueError(f"ids must hold integer token ids, got dtype {row.dtype}")
+        if row.min() < 0 or row.max() >= vocab_size:
+            raise ValueError(f"ids row {i} has token ids outside [0, vocab_size={vocab_size})")
+    return [row.astype(np.int32) for row in rows], ragged
+
+
+def generate(
+    params: Params,
+    cfg: GPTConfig,
+    ids: Any,
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_id: int | None = None,
+    key: Array | None = None,
+    callback: Callable[[Any, Any], None] | None = None,
+) -> Array | list[list[int]]:
+    """Extend each prompt by up to ``max_new_tokens`` tokens (the book's ``generate``, 5.3.3).
+
+    ids: a (B, T) array of token ids, or a list of B token-id lists of any lengths.
+    temperature: 0 = greedy (argmax); > 0 samples from softmax(logits / temperature) with ``key``.
+    top_k: keep only the k largest logits before sampling. top_p: keep only the nucleus of
+    probability mass ``top_p`` (applied after temperature and top-k).
+    eos_id: a row stops when it produces this token. key: a ``jax.random`` key, required when
+    sampling; step t draws with ``fold_in(key, t)``, so the same key gives the same tokens.
+    callback: ``callback(t, tokens)`` is called on the host with each step's index and (B,)
+    tokens as they are produced (for streaming); a new callback compiles anew.
+
+    Returns, for an array ``ids``, the (B, T + max_new_tokens) array of prompt and new tokens;
+    a row that produced ``eos_id`` continues with ``eos_id`` to the end. For a list ``ids``, a
+    list of B lists: each prompt followed by its new tokens, ending before the first ``eos_id``
+    (as the book's loop stops), so a row shorter than its prompt + ``max_new_tokens`` met eos.
+
+    Each row conditions on its last ``context_length`` tokens, as the book crops the input.
+    """
+    if not _is_int(max_new_tokens) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    temperature, top_k, top_p = _check_sampling_args(temperature, top_k, top_p, key, cfg.vocab_size)
+    if eos_id is not None and (not _is_int(eos_id) or not 0 <= eos_id < cfg.vocab_size):
+        raise ValueError(f"eos_id must be in [0, vocab_size={cfg.vocab_size}) or None, got {eos_id}")
+    rows, ragged = _as_prompts(ids, cfg.vocab_size)
+    max_new_tokens = int(max_new_tokens)
+
+    if max_new_tokens == 0:
+        new = np.zeros((len(rows), 0), np.int32)
+    else:
+        # Condition on each row's last context_length tokens; left-pad the rows to one length.
+        cropped = [row[-cfg.context_length :] for row in rows]
+        T = max(len(row) for row in cropped)
+        start = np.array([T - len(row) for row in cropped], np.int32)  # (B,) padding slots per row
+        prompt = np.zeros((len(rows), T), np.int32)
+        for i, row in enumerate(cropped):
+            prompt[i, start[i] :] = row
+        use_top_p = top_p is not None and top_p < 1.0
+        new = _generate_padded(
+            params,
+            jnp.asarray(prompt),
+            jnp.asarray(start),
+            key if key is not None else jax.random.key(0),
+            jnp.float32(temperature if temperature > 0 else 1.0),
+            jnp.float32(top_p if use_top_p else 1.0),
+            cfg=decode_config(cfg),
+            max_new_tokens=max_new_tokens,
+            greedy=temperature == 0.0,
+            top_k=top_k,
+            use_top_p=use_top_p,
+            eos_id=None if eos_id is None else int(eos_id),
+            callback=callback,
+        )
+
+    if not ragged:
+        return jnp.concatenate([jnp.asarray(np.stack(rows)), jnp.asarray(new, jnp.int32)], axis=1)
+    new = np.asarray(new)
+    result = []
+    for row, row_new in zip(rows, new, strict=True):
+        if eos_id is not None and np.any(row_new == eos_id):
+            row_new = row_new[: int(np.argmax(row_new == eos_id))]
+        result.append(row.tolist() + row_new.tolist())
+    return result
