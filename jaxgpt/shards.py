@@ -1,4 +1,4 @@
-"""Token shards for corpora larger than memory: prepare once, stream through memory maps.
+"""Token shards for corpora larger than memory: prepare once, then read only the windows needed.
 
 ``prepare_shards`` tokenizes text files into ``uint16`` shards plus a ``manifest.json``;
 ``open_shards`` checks them and ``ShardWindows`` / ``ShardLoader`` read the book's sliding
@@ -386,39 +386,101 @@ def is_shard_dir(path: str | os.PathLike) -> bool:
 
 
 class TokenShards:
-    """The token stream of a prepared dataset, memory-mapped shard by shard.
+    """The token stream of a prepared dataset, read from its shards on demand.
 
-    ``len(shards)`` is the number of tokens; ``shards[a:b]`` copies tokens a..b-1 (int32)
-    out of however many shards they span. Nothing else is held in memory.
+    ``len(shards)`` is the number of tokens; ``shards[a:b]`` copies tokens a..b-1 (int32) out of
+    however many shards they span. By default each slice is read with ``os.pread``: the data
+    lives in the OS page cache, never in this process, so its resident memory stays flat however
+    large the corpus and however long training runs. ``use_mmap=True`` memory-maps the shards
+    instead (also fine; but every page a random window touches then counts towards the
+    process's RSS as file-backed memory until the kernel reclaims it).
     """
 
-    def __init__(self, directory: Path, manifest: dict[str, Any]):
+    def __init__(self, directory: Path, manifest: dict[str, Any], use_mmap: bool = False):
         self.directory = directory
         self.manifest = manifest
+        self.use_mmap = use_mmap
         counts = [s["tokens"] for s in manifest["shards"]]
         self.offsets = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])  # (n_shards + 1,)
-        self._maps = [
-            np.memmap(directory / s["file"], dtype=DTYPE, mode="r") if s["tokens"] else np.zeros(0, DTYPE)
-            for s in manifest["shards"]
-        ]
+        self._paths = [directory / s["file"] for s in manifest["shards"]]
+        self._maps: dict[int, np.memmap] = {}
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
+
+    def _read(self, k: int, lo: int, n: int) -> np.ndarray:
+        """n tokens of shard k from token lo on."""
+        if self.use_mmap:
+            if k not in self._maps:
+                self._maps[k] = np.memmap(self._paths[k], dtype=DTYPE, mode="r")
+            return self._maps[k][lo : lo + n]
+        fd = os.open(self._paths[k], os.O_RDONLY)
+        try:
+            raw = os.pread(fd, n * DTYPE.itemsize, lo * DTYPE.itemsize)
+        finally:
+            os.close(fd)
+        if len(raw) != n * DTYPE.itemsize:
+            raise ShardError(f"shard {self._paths[k]} is shorter than its manifest says (changed on disk?)")
+        return np.frombuffer(raw, dtype=DTYPE)
 
     def __getitem__(self, item: slice) -> np.ndarray:
         if not isinstance(item, slice) or item.step not in (None, 1):
             raise TypeError("TokenShards supports contiguous slices only, e.g. shards[a:b]")
         start, stop, _ = item.indices(len(self))
         out = np.empty(max(stop - start, 0), dtype=np.int32)
-        first = int(np.searchsorted(self.offsets, start, side="right")) - 1
-        pos, k = start, first
-        while pos < stop:
-            lo, hi = self.offsets[k], self.offsets[k + 1]
+        k = int(np.searchsorted(self.offsets, start, side="right")) - 1
+        pos = start
+        while pos < stop:  # a slice that crosses a shard's end continues in the next shard
+            lo, hi = int(self.offsets[k]), int(self.offsets[k + 1])
             take = min(stop, hi) - pos
-            out[pos - start : pos - start + take] = self._maps[k][pos - lo : pos - lo + take]
+            if take > 0:
+                out[pos - start : pos - start + take] = self._read(k, pos - lo, take)
             pos += take
             k += 1
         return out
+
+
+def write_token_shards(
+    tokens: Iterator[np.ndarray] | Sequence[np.ndarray],
+    out_dir: str | os.PathLike,
+    tokenizer: tiktoken.Encoding | None = None,
+    description: str = "pre-tokenized",
+) -> dict[str, Any]:
+    """Store already-tokenized arrays (one shard each) as a prepared dataset; returns the manifest.
+
+    For token ids made elsewhere (another pipeline, or synthetic data for benchmarks). The ids
+    must come from ``tokenizer`` (default GPT-2), whose identity the manifest records.
+    ``out_dir`` must be empty or absent.
+    """
+    ident = tokenizer_identity(tokenizer or get_tokenizer())
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if any(out.iterdir()):
+        raise FileExistsError(f"{out} is not empty; choose an empty directory")
+    shards = []
+    digest = hashlib.sha256(description.encode())
+    for i, array in enumerate(tokens):
+        array = np.asarray(array)
+        if array.ndim != 1 or array.size and (array.min() < 0 or array.max() >= ident["n_vocab"]):
+            raise ValueError(f"shard {i}: token ids must be 1-D and in [0, {ident['n_vocab']})")
+        data = array.astype(DTYPE).tobytes()
+        _write_atomic(out / _bin_name(i), data)
+        sha = hashlib.sha256(data).hexdigest()
+        digest.update(sha.encode())
+        shards.append({"file": _bin_name(i), "tokens": int(array.size), "sha256": sha})
+    manifest = {
+        "format": FORMAT,
+        "version": VERSION,
+        "dataset_id": digest.hexdigest(),
+        "dtype": "uint16",
+        "tokenizer": ident,
+        "separator": None,
+        "sources": [{"description": description}],
+        "shards": shards,
+        "total_tokens": sum(s["tokens"] for s in shards),
+    }
+    _write_json_atomic(out / "manifest.json", manifest)
+    return manifest
 
 
 def _describe(ident: dict[str, Any]) -> str:
@@ -426,7 +488,10 @@ def _describe(ident: dict[str, Any]) -> str:
 
 
 def open_shards(
-    directory: str | os.PathLike, tokenizer: tiktoken.Encoding | None = None, verify: bool = True
+    directory: str | os.PathLike,
+    tokenizer: tiktoken.Encoding | None = None,
+    verify: bool = True,
+    use_mmap: bool = False,
 ) -> TokenShards:
     """Open a prepared dataset after checking it, so that training never starts on bad data.
 
@@ -478,7 +543,7 @@ def open_shards(
                 raise ShardError(
                     f"shard {path} is corrupt: sha256 {actual}, the manifest says {shard['sha256']}"
                 )
-    return TokenShards(directory, manifest)
+    return TokenShards(directory, manifest, use_mmap=use_mmap)
 
 
 @dataclass(frozen=True, eq=False)

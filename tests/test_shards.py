@@ -247,3 +247,23 @@ def test_prepare_script_cli(tmp_path, corpus):
         text=True,
     )
     assert proc.returncode == 1 and "nope.txt does not exist" in proc.stderr
+
+
+def test_memory_mapped_reading_gives_the_same_tokens(prepared):
+    by_pread = open_shards(prepared[0], verify=False)
+    by_mmap = open_shards(prepared[0], verify=False, use_mmap=True)
+    for a, b in [(0, 50), (5000, 9000), (len(by_pread) - 30, len(by_pread))]:
+        np.testing.assert_array_equal(by_mmap[a:b], by_pread[a:b])
+
+
+def test_pre_tokenized_arrays_become_a_dataset(tmp_path):
+    from jaxgpt.shards import write_token_shards
+
+    parts = [np.arange(0, 100), np.arange(100, 130), np.arange(130, 400)]
+    manifest = write_token_shards(parts, tmp_path / "ds")
+    tokens = open_shards(tmp_path / "ds")
+    np.testing.assert_array_equal(tokens[0:400], np.arange(400))
+    np.testing.assert_array_equal(tokens[95:135], np.arange(95, 135))  # across two shard ends
+    assert manifest["total_tokens"] == 400
+    with pytest.raises(ValueError, match=r"token ids must be 1-D and in \[0, 50257\)"):
+        write_token_shards([np.array([50257])], tmp_path / "bad")
