@@ -1,0 +1,182 @@
+"""Checkpoints of a training run with orbax: the train state, the configs and the data position.
+
+A run directory holds ``checkpoints/<step>/`` with three items:
+
+  params   the model parameters (all a user needs for generation, see :func:`load_checkpoint`)
+  state    the optimizer state, the step and the dropout key
+  meta     JSON: model config, train config, data position (epoch, batch, tokens seen), step
+
+Orbax writes each step into a temporary directory and renames it when complete, so a crash in
+the middle of a save leaves the earlier checkpoints as they were and no half-written step is
+ever listed. Like nanoGPT, the model config travels with the weights, so loading needs nothing
+but the path.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from jaxgpt.config import GPTConfig
+from jaxgpt.model import Params
+
+CHECKPOINT_SUBDIR = "checkpoints"
+_ITEMS = ("params", "state", "meta")
+FORMAT = "jaxgpt-train-1"
+
+logging.getLogger("absl").setLevel(logging.ERROR)  # orbax logs every save at INFO/WARNING
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, unreadable or does not fit the run asking for it."""
+
+
+def _options(keep: int | None, read_only: bool) -> ocp.CheckpointManagerOptions:
+    return ocp.CheckpointManagerOptions(
+        max_to_keep=keep,
+        create=not read_only,
+        read_only=read_only,
+        enable_async_checkpointing=False,  # the loop waits for each save: simple, and SIGINT-safe
+    )
+
+
+def _is_step_dir(path: Path) -> bool:
+    return path.name.isdigit() and (path / "meta").is_dir()
+
+
+def resolve(path: str | Path) -> tuple[Path, int | None]:
+    """(checkpoint root, step or None for the latest) from a run dir, its checkpoints dir or a step dir."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint path {path} does not exist")
+    if _is_step_dir(path):
+        return path.parent, int(path.name)
+    if (path / CHECKPOINT_SUBDIR).is_dir():
+        return path / CHECKPOINT_SUBDIR, None
+    return path, None
+
+
+class CheckpointManager:
+    """Saves and restores the checkpoints of one run directory (a thin layer over orbax's)."""
+
+    def __init__(self, run_dir: str | Path, keep: int | None = None, read_only: bool = False) -> None:
+        self.root = Path(run_dir) / CHECKPOINT_SUBDIR
+        self._mngr = ocp.CheckpointManager(self.root, options=_options(keep, read_only), item_names=_ITEMS)
+
+    def all_steps(self) -> list[int]:
+        return sorted(self._mngr.all_steps())
+
+    def latest_step(self) -> int | None:
+        return self._mngr.latest_step()
+
+    def step_dir(self, step: int) -> Path:
+        return self.root / str(step)
+
+    def save(self, step: int, params: Params, state: dict[str, Any], meta: dict[str, Any]) -> Path:
+        """Write step ``step`` atomically (waits until it is on disk); older steps beyond ``keep`` go."""
+        if jax.process_index() == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+        self._mngr.save(
+            step,
+            args=ocp.args.Composite(
+                params=ocp.args.StandardSave(params),
+                state=ocp.args.StandardSave(state),
+                meta=ocp.args.JsonSave({"format": FORMAT, "step": step, **meta}),
+            ),
+            force=True,
+        )
+        self._mngr.wait_until_finished()
+        return self.step_dir(step)
+
+    def _pick(self, step: int | None) -> tuple[int, list[int]]:
+        steps = self.all_steps()
+        if not steps:
+            raise CheckpointError(f"no checkpoint in {self.root}: it holds no completed step directory")
+        step = steps[-1] if step is None else step
+        if step not in steps:
+            raise CheckpointError(f"no checkpoint of step {step} in {self.root}; it has steps {steps}")
+        return step, steps
+
+    def _damaged(self, step: int, steps: list[int], e: Exception) -> CheckpointError:
+        others = [s for s in steps if s != step]
+        return CheckpointError(
+            f"checkpoint step {step} in {self.root} could not be read ({type(e).__name__}: {e}). "
+            f"Nothing was changed; the other checkpoints there are steps {others}. Move the "
+            f"damaged directory {self.step_dir(step)} away to resume from an earlier one."
+        )
+
+    def read_meta(self, step: int | None = None) -> tuple[int, dict[str, Any]]:
+        """-> (step, meta) of ``step`` (default: the latest), reading no arrays."""
+        step, steps = self._pick(step)
+        try:
+            meta = self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+            if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+                raise ValueError(f"its meta item is not a {FORMAT} record")
+        except Exception as e:  # orbax raises many types for a damaged directory; name the step
+            raise self._damaged(step, steps, e) from e
+        return step, meta
+
+    def restore(
+        self,
+        step: int | None = None,
+        params_like: Params | None = None,
+        state_like: dict[str, Any] | None = None,
+    ) -> tuple[int, Params, dict[str, Any] | None, dict[str, Any]]:
+        """-> (step, params, state or None, meta) of ``step`` (default: the latest).
+
+        ``params_like``/``state_like`` give the tree structure to restore into; without
+        ``state_like`` the optimizer state is not read at all.
+        """
+        step, meta = self.read_meta(step)
+        steps = self.all_steps()
+        items: dict[str, Any] = {"params": ocp.args.StandardRestore(params_like)}
+        if state_like is not None:
+            items["state"] = ocp.args.StandardRestore(state_like)
+        try:
+            restored = self._mngr.restore(step, args=ocp.args.Composite(**items))
+            params = _like(restored["params"], params_like)
+            state = _like(restored["state"], state_like) if state_like is not None else None
+        except Exception as e:
+            raise self._damaged(step, steps, e) from e
+        return step, params, state, meta
+
+
+def _like(tree: Any, like: Any) -> Any:
+    """``tree`` in the structure of ``like`` (orbax returns optax's namedtuples as plain tuples)."""
+    if like is None:
+        return tree
+    leaves, like_def = jax.tree.leaves(tree), jax.tree.structure(like)
+    if len(leaves) != like_def.num_leaves:
+        raise ValueError(f"the checkpoint has {len(leaves)} arrays where {like_def.num_leaves} were expected")
+    for got, want in zip(leaves, jax.tree.leaves(like), strict=True):
+        if np.shape(got) != np.shape(want):
+            raise ValueError(
+                f"an array of shape {np.shape(got)} was found where {np.shape(want)} was expected"
+            )
+    return jax.tree.unflatten(like_def, leaves)
+
+
+def load_checkpoint(path: str | Path) -> tuple[GPTConfig, Params]:
+    """(model config, params) from a run directory (its latest step) or one step directory.
+
+    Needs no trainer and reads no optimizer state: ``cfg, params = load_checkpoint("runs/x")``,
+    then ``jaxgpt.generate(params, cfg, ids, 50)``.
+    """
+    root, step = resolve(path)
+    mngr = CheckpointManager.__new__(CheckpointManager)
+    mngr.root = root
+    try:
+        mngr._mngr = ocp.CheckpointManager(root, options=_options(None, True), item_names=_ITEMS)
+    except Exception as e:
+        raise CheckpointError(f"{root} is not a checkpoint directory ({type(e).__name__}: {e})") from e
+    _, params, _, meta = mngr.restore(step)
+    try:
+        cfg = GPTConfig.from_dict(meta["model_config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"the model config saved in {root} is unusable: {e}") from e
+    return cfg, params

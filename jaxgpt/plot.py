@@ -1,0 +1,41 @@
+"""The book's chapter-5 loss figure: training and validation loss against tokens seen."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+
+def plot_losses(records: Sequence[dict[str, Any]], path: str | Path, title: str | None = None) -> Path:
+    """Write a PNG of ``train_loss`` and ``val_loss`` against ``tokens_seen`` (book's ``plot_losses``).
+
+    ``records`` are the evaluation records of :func:`jaxgpt.train.train` (or the lines of a run's
+    ``metrics.jsonl``). A second x-axis on top shows the epoch, as in the book's figure 5.12.
+    Uses matplotlib's Agg backend, so no display is needed.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not records:
+        raise ValueError("no evaluation records to plot")
+    tokens = [r["tokens_seen"] for r in records]
+    fig, ax1 = plt.subplots(figsize=(5, 3))
+    ax1.plot(tokens, [r["train_loss"] for r in records], label="Training loss")
+    ax1.plot(tokens, [r["val_loss"] for r in records], linestyle="-.", label="Validation loss")
+    ax1.set_xlabel("Tokens seen")
+    ax1.set_ylabel("Loss")
+    ax1.legend(loc="upper right")
+    if title:
+        ax1.set_title(title, fontsize=9)
+
+    ax2 = ax1.twiny()  # epochs on top, aligned with the same data
+    ax2.plot([r["epoch"] for r in records], [r["train_loss"] for r in records], alpha=0)
+    ax2.set_xlabel("Epochs")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
