@@ -22,6 +22,7 @@ imported here, Hugging Face files are read with ``safetensors``' NumPy API.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -414,3 +415,168 @@ def save_hf_gpt2(cfg: GPTConfig, params: Params, path: str | Path) -> None:
     (path / _CONFIG_FILE).write_text(json.dumps(hf_config_from_gpt(cfg), indent=2) + "\n")
     # transformers refuses safetensors files without this format tag.
     save_file(tensors, path / _WEIGHTS_FILE, metadata={"format": "pt"})
+
+
+# ----------------------------------------------------------------------------- the book's PyTorch GPTModel
+
+_BOOK_LINEAR = ("att.W_query", "att.W_key", "att.W_value", "att.out_proj", "ff.layers.0", "ff.layers.2")
+
+
+def _book_layout(qkv_bias: bool) -> Layout:
+    """The book's ``GPTModel`` (chapter 4): our names are its names, but every ``nn.Linear``
+    stores its weight as (out, in), the transpose of a flax kernel, and the query/key/value
+    biases exist only when ``qkv_bias`` is set. ``att.mask`` is the causal-mask buffer
+    ``register_buffer`` puts in the state dict."""
+    block = {
+        "norm1.scale": ("norm1", "scale"),
+        "norm1.shift": ("norm1", "shift"),
+        "att.out_proj.bias": ("att", "out_proj", "bias"),
+        "norm2.scale": ("norm2", "scale"),
+        "norm2.shift": ("norm2", "shift"),
+        "ff.layers.0.bias": ("ff", "layers_0", "bias"),
+        "ff.layers.2.bias": ("ff", "layers_2", "bias"),
+        "att.out_proj.weight": ("att", "out_proj", "kernel"),
+        "ff.layers.0.weight": ("ff", "layers_0", "kernel"),
+        "ff.layers.2.weight": ("ff", "layers_2", "kernel"),
+    }
+    for name in _QKV:
+        block[f"att.{name}.weight"] = ("att", name, "kernel")
+        if qkv_bias:
+            block[f"att.{name}.bias"] = ("att", name, "bias")
+    return Layout(
+        top={
+            "tok_emb.weight": ("tok_emb", "embedding"),
+            "pos_emb.weight": ("pos_emb", "embedding"),
+            "final_norm.scale": ("final_norm", "scale"),
+            "final_norm.shift": ("final_norm", "shift"),
+        },
+        block=block,
+        block_prefix="trf_blocks.{i}.",
+        head="out_head.weight",
+        transposed=frozenset({f"{linear}.weight" for linear in _BOOK_LINEAR} | {"out_head.weight"}),
+        ignored=(".att.mask",),
+    )
+
+
+def _to_numpy(value: Any) -> np.ndarray:
+    """A torch tensor (any dtype, any device) or array-like -> NumPy float32."""
+    if hasattr(value, "detach"):  # torch.Tensor, imported by whoever made it
+        value = value.detach().cpu().float().numpy()
+    return np.asarray(value, dtype=np.float32)
+
+
+def _read_book_state(state_dict_or_path: Mapping[str, Any] | str | Path) -> dict[str, np.ndarray]:
+    if isinstance(state_dict_or_path, (str, Path)):
+        path = Path(state_dict_or_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no PyTorch state dict file at {path}")
+        try:
+            import torch
+        except ImportError as e:
+            raise ImportError("reading a .pth file needs torch (pip install 'jaxgpt[reference]')") from e
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    else:
+        state = state_dict_or_path
+    if not isinstance(state, Mapping):
+        raise ValueError(f"expected a state dict (tensor name -> tensor), got {type(state).__name__}")
+    if "model_state_dict" in state:  # the book's 5.4 checkpoint, which also holds "optimizer_state_dict"
+        state = state["model_state_dict"]
+    prefix = "_orig_mod."  # a torch.compile'd model's state dict
+    if state and all(str(k).startswith(prefix) for k in state):
+        state = {k[len(prefix) :]: v for k, v in state.items()}
+    return {str(k): _to_numpy(v) for k, v in state.items()}
+
+
+def book_config_from_state(state: Mapping[str, np.ndarray], cfg: GPTConfig | None = None) -> GPTConfig:
+    """The GPTConfig of a book ``GPTModel`` state dict, read from its tensor shapes.
+
+    vocab_size, emb_dim, context_length, n_layers and qkv_bias follow from the shapes; n_heads
+    does not, so it comes from ``cfg``, else from the preset with this emb_dim. Fields that
+    ``cfg`` gives and the shapes contradict are an error naming both values.
+    """
+    for name in ("tok_emb.weight", "pos_emb.weight"):
+        if name not in state or np.ndim(state[name]) != 2:
+            raise ValueError(f"not a book GPTModel state dict: no 2-D {name!r} (keys: {sorted(state)[:8]})")
+    V, C = state["tok_emb.weight"].shape
+    parts = [k.split(".") for k in state]
+    layers = {int(p[1]) for p in parts if len(p) > 2 and p[0] == "trf_blocks" and p[1].isdigit()}
+    if not layers:
+        raise ValueError("not a book GPTModel state dict: no trf_blocks.{i}.* tensors")
+    inferred = {
+        "vocab_size": int(V),
+        "emb_dim": int(C),
+        "context_length": int(state["pos_emb.weight"].shape[0]),
+        "n_layers": max(layers) + 1,
+        "qkv_bias": "trf_blocks.0.att.W_query.bias" in state,
+    }
+    if cfg is None:
+        from jaxgpt.config import PRESETS
+
+        heads = {p.n_heads for p in PRESETS.values() if p.emb_dim == C}
+        if len(heads) != 1:
+            raise ValueError(
+                f"n_heads cannot be read from tensor shapes and no preset has emb_dim={C}: "
+                "pass cfg=GPTConfig(..., n_heads=...)"
+            )
+        return GPTConfig(n_heads=heads.pop(), tie_embeddings=False, **inferred)
+    wrong = [
+        f"{k}: cfg {getattr(cfg, k)!r}, tensors {v!r}"
+        for k, v in inferred.items() if getattr(cfg, k) != v
+    ]
+    if wrong:
+        raise ValueError("cfg does not match the state dict: " + "; ".join(wrong))
+    if not cfg.norm_first:
+        raise ValueError("the book's GPTModel is Pre-LN: cfg.norm_first must be True")
+    return cfg.replace(tie_embeddings=False)
+
+
+def load_book_state_dict(
+    state_dict_or_path: Mapping[str, Any] | str | Path, cfg: GPTConfig | None = None
+) -> tuple[GPTConfig, Params]:
+    """Import the book's PyTorch ``GPTModel`` (``llms_from_scratch.ch04``) -> (GPTConfig, params).
+
+    ``state_dict_or_path``: ``model.state_dict()`` (torch tensors or NumPy arrays), or a file
+    written by ``torch.save(model.state_dict(), path)`` or the book's ``{"model_state_dict": ...}``
+    checkpoint (torch is needed only to read the file). The config is read from the shapes (see
+    :func:`book_config_from_state`); the book model's separate ``out_head`` is kept
+    (``tie_embeddings=False``). Every tensor name and shape is checked first.
+    """
+    state = _read_book_state(state_dict_or_path)
+    cfg = book_config_from_state(state, cfg)
+    return cfg, _import(state, cfg, _book_layout(cfg.qkv_bias))
+
+
+def book_state_dict(params: Params, cfg: GPTConfig, include_mask: bool = True) -> dict[str, np.ndarray]:
+    """jaxgpt params -> the book ``GPTModel``'s state dict as NumPy arrays (inverse of the import).
+
+    ``model.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()})`` loads it into
+    ``GPTModel(cfg_dict)``. A tied model gets an ``out_head.weight`` equal to ``tok_emb.weight``.
+    With ``include_mask`` each layer's ``att.mask`` buffer (the causal mask, 1 above the
+    diagonal) is written too, so a strict ``load_state_dict`` accepts it.
+    """
+    if not cfg.norm_first:
+        raise ValueError("norm_first=False (Post-LN) has no book GPTModel equivalent, which is Pre-LN")
+    layout = _book_layout(cfg.qkv_bias)
+    out = _export(params, cfg, layout)
+    if cfg.tie_embeddings:
+        out[layout.head] = np.ascontiguousarray(out["tok_emb.weight"])  # (V, C) is (out, in) already
+    if include_mask:
+        mask = np.triu(np.ones((cfg.context_length, cfg.context_length), np.float32), k=1)
+        for i in range(cfg.n_layers):
+            out[layout.block_prefix.format(i=i) + "att.mask"] = mask
+    return out
+
+
+def save_book_state_dict(cfg: GPTConfig, params: Params, path: str | Path) -> None:
+    """Write ``params`` as a ``.pth`` file the book's ``GPTModel.load_state_dict(torch.load(path))`` reads.
+
+    Needs torch. The file is written to a temporary name first and renamed, so it is never half written.
+    """
+    import torch
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {name: torch.from_numpy(np.array(value)) for name, value in book_state_dict(params, cfg).items()}
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
