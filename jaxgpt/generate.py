@@ -36,8 +36,9 @@ from jaxgpt.model import GPTModel, KVCache, Params, init_cache
 
 Array = jax.Array
 
-# Decode steps run the transformer stack fully unrolled (same params, no scan over layers):
-# on a 2-core CPU the scan's per-layer loop overhead dominated a B=1 token step.
+# The one-token decode step runs the transformer stack fully unrolled (same params, no scan
+# over layers): at B=1 the scan's per-layer loop overhead is a large part of a token step. The
+# prefill and the sliding-window step keep the scan, which compiles faster.
 UNROLL_LAYERS_FOR_DECODE = True
 
 
@@ -158,13 +159,15 @@ def _apply(params: Params, cfg: GPTConfig, idx: Array, cache: KVCache) -> tuple[
 
 
 def decode_config(cfg: GPTConfig) -> GPTConfig:
-    """The config decoding runs with: the same params, the layer stack unrolled (see the module docs)."""
+    """The config of the one-token decode step: same params, the layer stack unrolled (see above)."""
     return cfg.replace(scan_unroll=cfg.n_layers) if UNROLL_LAYERS_FOR_DECODE else cfg
 
 
 @functools.partial(
     jax.jit,
-    static_argnames=("cfg", "max_new_tokens", "greedy", "top_k", "use_top_p", "eos_id", "callback"),
+    static_argnames=(
+        "cfg", "step_cfg", "max_new_tokens", "greedy", "top_k", "use_top_p", "eos_id", "callback"
+    ),
 )
 def _generate_padded(
     params: Params,
@@ -175,6 +178,7 @@ def _generate_padded(
     top_p: Array,
     *,
     cfg: GPTConfig,
+    step_cfg: GPTConfig,
     max_new_tokens: int,
     greedy: bool,
     top_k: int | None,
@@ -212,7 +216,7 @@ def _generate_padded(
 
     def cached_step(carry):
         t, tok, cache, out, done = carry
-        logits, cache = _apply(params, cfg, tok[:, None], cache)  # feed token t-1 at slot T + t - 1
+        logits, cache = _apply(params, step_cfg, tok[:, None], cache)  # feed token t-1 at slot T + t - 1
         tok, done = pick(logits, t, done)
         return t + 1, tok, cache, jax.lax.dynamic_update_slice(out, tok[:, None], (0, t)), done
 
@@ -321,7 +325,8 @@ def generate(
             key if key is not None else jax.random.key(0),
             jnp.float32(temperature if temperature > 0 else 1.0),
             jnp.float32(top_p if use_top_p else 1.0),
-            cfg=decode_config(cfg),
+            cfg=cfg,
+            step_cfg=decode_config(cfg),
             max_new_tokens=max_new_tokens,
             greedy=temperature == 0.0,
             top_k=top_k,

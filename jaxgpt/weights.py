@@ -15,8 +15,9 @@ blocks stacked on a leading layer axis L (they run under ``nn.scan``)::
 An external layout is described by a :class:`Layout`: a key table from its tensor names to
 these paths, the set of its tensors stored transposed, and the fused query/key/value tensors
 it splits. Import and export are written once against that description and check every name
-and shape. Only the Hugging Face GPT-2 layout exists so far; torch and transformers are never
-imported here, Hugging Face files are read with ``safetensors``' NumPy API.
+and shape. Two layouts exist: Hugging Face GPT-2 and the book's PyTorch ``GPTModel``. transformers
+is never imported here (Hugging Face files are read with ``safetensors``' NumPy API), and torch
+only to read or write a book ``.pth`` file.
 """
 
 from __future__ import annotations
@@ -487,12 +488,14 @@ def _read_book_state(state_dict_or_path: Mapping[str, Any] | str | Path) -> dict
     return {str(k): _to_numpy(v) for k, v in state.items()}
 
 
-def book_config_from_state(state: Mapping[str, np.ndarray], cfg: GPTConfig | None = None) -> GPTConfig:
+def book_config_from_state(
+    state: Mapping[str, np.ndarray], cfg: GPTConfig | None = None, n_heads: int | None = None
+) -> GPTConfig:
     """The GPTConfig of a book ``GPTModel`` state dict, read from its tensor shapes.
 
     vocab_size, emb_dim, context_length, n_layers and qkv_bias follow from the shapes; n_heads
-    does not, so it comes from ``cfg``, else from the preset with this emb_dim. Fields that
-    ``cfg`` gives and the shapes contradict are an error naming both values.
+    does not, so it comes from ``cfg``, else ``n_heads``, else the preset with this emb_dim.
+    Fields that ``cfg`` gives and the shapes contradict are an error naming both values.
     """
     for name in ("tok_emb.weight", "pos_emb.weight"):
         if name not in state or np.ndim(state[name]) != 2:
@@ -512,7 +515,7 @@ def book_config_from_state(state: Mapping[str, np.ndarray], cfg: GPTConfig | Non
     if cfg is None:
         from jaxgpt.config import PRESETS
 
-        heads = {p.n_heads for p in PRESETS.values() if p.emb_dim == C}
+        heads = {n_heads} if n_heads is not None else {p.n_heads for p in PRESETS.values() if p.emb_dim == C}
         if len(heads) != 1:
             raise ValueError(
                 f"n_heads cannot be read from tensor shapes and no preset has emb_dim={C}: "
@@ -531,18 +534,21 @@ def book_config_from_state(state: Mapping[str, np.ndarray], cfg: GPTConfig | Non
 
 
 def load_book_state_dict(
-    state_dict_or_path: Mapping[str, Any] | str | Path, cfg: GPTConfig | None = None
+    state_dict_or_path: Mapping[str, Any] | str | Path,
+    cfg: GPTConfig | None = None,
+    n_heads: int | None = None,
 ) -> tuple[GPTConfig, Params]:
     """Import the book's PyTorch ``GPTModel`` (``llms_from_scratch.ch04``) -> (GPTConfig, params).
 
     ``state_dict_or_path``: ``model.state_dict()`` (torch tensors or NumPy arrays), or a file
     written by ``torch.save(model.state_dict(), path)`` or the book's ``{"model_state_dict": ...}``
-    checkpoint (torch is needed only to read the file). The config is read from the shapes (see
-    :func:`book_config_from_state`); the book model's separate ``out_head`` is kept
-    (``tie_embeddings=False``). Every tensor name and shape is checked first.
+    checkpoint (torch is needed only to read the file). The config is read from the shapes, with
+    n_heads from ``cfg`` or ``n_heads`` or a preset (see :func:`book_config_from_state`); the book
+    model's separate ``out_head`` is kept (``tie_embeddings=False``). Every tensor name and shape
+    is checked first.
     """
     state = _read_book_state(state_dict_or_path)
-    cfg = book_config_from_state(state, cfg)
+    cfg = book_config_from_state(state, cfg, n_heads)
     return cfg, _import(state, cfg, _book_layout(cfg.qkv_bias))
 
 

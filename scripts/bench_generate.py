@@ -1,0 +1,213 @@
+"""Generation benchmark: jaxgpt's KV-cache decode against Hugging Face ``GPT2LMHeadModel.generate``.
+
+    python scripts/bench_generate.py                      # gpt2-small, 100 new tokens, B=1 and B=8
+    python scripts/bench_generate.py --batch-sizes 1 --json
+    python scripts/bench_generate.py --layers both        # decode with the layer stack unrolled and scanned
+    python scripts/bench.py generate ...                  # the same, through the benchmark harness
+
+Both models get the same random gpt2-small weights' shapes (GPT-2's config: tied head, qkv bias),
+the same short prompt repeated over the batch, greedy decoding with a KV cache, and exactly
+``--new-tokens`` new tokens (no eos). jaxgpt's compile time (the first call minus a timed call)
+is reported apart from its tokens/s; tokens/s is batch * new tokens / the median of ``--repeats``
+timed calls. Hugging Face runs in the same process afterwards with ``torch.set_num_threads``
+equal to the cores JAX uses; the ratio is jaxgpt tokens/s over Hugging Face tokens/s. The load
+average is printed because figures on a shared machine move with it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run from a checkout without installing
+    sys.path.insert(0, str(ROOT))
+
+PROMPT = "Every effort moves you"  # the book's running example
+
+
+def _median_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def bench_jaxgpt(
+    cfg, params, prompt_ids: list[int], batch_size: int, new_tokens: int, repeats: int, unroll: bool
+) -> dict:
+    import jax
+    import numpy as np
+
+    gen = importlib.import_module("jaxgpt.generate")
+    gen.UNROLL_LAYERS_FOR_DECODE = unroll
+    ids = np.tile(np.asarray(prompt_ids, np.int32)[None], (batch_size, 1))  # (B, T)
+
+    def run():
+        return jax.block_until_ready(gen.generate(params, cfg, ids, new_tokens))
+
+    t0, c0 = time.perf_counter(), time.process_time()
+    first = run()
+    first_s, first_cpu = time.perf_counter() - t0, time.process_time() - c0
+    c0 = time.process_time()
+    run_s = _median_time(run, repeats)
+    run_cpu = (time.process_time() - c0) / repeats
+    return {
+        "name": "jaxgpt",
+        "layers": "unrolled" if unroll else "scanned",
+        "batch_size": batch_size,
+        "compile_s": round(max(first_s - run_s, 0.0), 2),
+        "compile_cpu_s": round(max(first_cpu - run_cpu, 0.0), 2),
+        "run_s": round(run_s, 3),
+        "run_cpu_s": round(run_cpu, 3),
+        "tokens_per_s": round(batch_size * new_tokens / run_s, 1),
+        "new_ids": np.asarray(first)[0, len(prompt_ids) :].tolist(),
+    }
+
+
+def bench_hf(
+    cfg, prompt_ids: list[int], batch_size: int, new_tokens: int, repeats: int, threads: int
+) -> dict:
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from jaxgpt.weights import hf_config_from_gpt
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(**hf_config_from_gpt(cfg))).eval()
+    ids = torch.tensor([prompt_ids] * batch_size, dtype=torch.long)
+    mask = torch.ones_like(ids)
+
+    def run(n):
+        with torch.inference_mode():
+            return model.generate(
+                ids,
+                attention_mask=mask,
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                use_cache=True,
+                pad_token_id=0,
+            )
+
+    run(4)  # warm-up
+    c0 = time.process_time()
+    run_s = _median_time(lambda: run(new_tokens), repeats)
+    run_cpu = (time.process_time() - c0) / repeats
+    return {
+        "name": "hf_generate",
+        "batch_size": batch_size,
+        "threads": threads,
+        "run_s": round(run_s, 3),
+        "run_cpu_s": round(run_cpu, 3),
+        "tokens_per_s": round(batch_size * new_tokens / run_s, 1),
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bench_generate.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="gpt2-small", help="model preset (default gpt2-small)")
+    p.add_argument("--new-tokens", type=int, default=100, help="tokens generated per row (default 100)")
+    p.add_argument("--batch-sizes", default="1,8", help="comma list of batch sizes (default 1,8)")
+    p.add_argument(
+        "--repeats", type=int, default=3, help="timed calls per measurement; the median counts (default 3)"
+    )
+    p.add_argument(
+        "--layers",
+        default="unrolled",
+        choices=["unrolled", "scanned", "both"],
+        help="jaxgpt's decode layer stack: unrolled (the library default), scanned, or both",
+    )
+    p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face reference")
+    p.add_argument("--threads", type=int, default=None, help="PyTorch threads (default: the cores JAX uses)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
+    if args.new_tokens < 1 or args.repeats < 1 or not batch_sizes or min(batch_sizes) < 1:
+        raise SystemExit("bench_generate.py: --new-tokens, --repeats and every batch size must be positive")
+
+    import jax
+
+    from jaxgpt.config import get_config
+    from jaxgpt.model import init_params
+    from jaxgpt.tokenizer import get_tokenizer
+
+    cfg = get_config(
+        args.preset, qkv_bias=True, drop_rate=0.0
+    )  # GPT-2's own layout, as Hugging Face builds it
+    params = init_params(cfg, jax.random.key(0))
+    prompt_ids = get_tokenizer().encode(PROMPT)
+    threads = args.threads or os.cpu_count() or 1
+    unrolls = {"unrolled": [True], "scanned": [False], "both": [True, False]}[args.layers]
+
+    result = {
+        "preset": args.preset,
+        "prompt_tokens": len(prompt_ids),
+        "new_tokens": args.new_tokens,
+        "device": str(jax.devices()[0].device_kind),
+        "cpu_count": os.cpu_count(),
+        "load_average_before": [round(x, 2) for x in os.getloadavg()],
+        "jaxgpt": [],
+        "hf": [],
+    }
+    for unroll in unrolls:
+        for b in batch_sizes:
+            r = bench_jaxgpt(cfg, params, prompt_ids, b, args.new_tokens, args.repeats, unroll)
+            result["jaxgpt"].append(r)
+            if not args.json:
+                print(
+                    f"jaxgpt  {r['layers']:<8} B={b:<3} {r['tokens_per_s']:8.1f} tok/s  "
+                    f"({r['run_s']:.2f} s, {r['run_cpu_s']:.2f} CPU s per call)  "
+                    f"compile {r['compile_s']:.1f} s ({r['compile_cpu_s']:.1f} CPU s)",
+                    flush=True,
+                )
+    if not args.no_hf:
+        try:
+            import torch  # noqa: F401
+            import transformers  # noqa: F401
+        except ImportError as e:
+            result["hf_error"] = f"transformers/torch not importable: {e}"
+        else:
+            for b in batch_sizes:
+                r = bench_hf(cfg, prompt_ids, b, args.new_tokens, args.repeats, threads)
+                mine = [j for j in result["jaxgpt"] if j["batch_size"] == b]
+                r["ratio"] = {j["layers"]: round(j["tokens_per_s"] / r["tokens_per_s"], 2) for j in mine}
+                result["hf"].append(r)
+                if not args.json:
+                    ratios = "  ".join(f"{k} {v:.2f}x" for k, v in r["ratio"].items())
+                    print(
+                        f"hf      generate B={b:<3} {r['tokens_per_s']:8.1f} tok/s  "
+                        f"({r['run_s']:.2f} s per call, "
+                        f"{r['run_cpu_s']:.2f} CPU s, {threads} threads)   jaxgpt/hf: {ratios}",
+                        flush=True,
+                    )
+    result["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
+    if args.json:
+        for r in result["jaxgpt"]:
+            r.pop("new_ids")
+        print(json.dumps(result))
+    else:
+        print(
+            f"load average before {result['load_average_before']}, after {result['load_average_after']} "
+            f"({result['cpu_count']} cores, {result['device']})"
+        )
+        if "hf_error" in result:
+            print(f"hf reference skipped: {result['hf_error']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
