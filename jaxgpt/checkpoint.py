@@ -78,7 +78,12 @@ class CheckpointManager:
         return self.root / str(step)
 
     def save(self, step: int, params: Params, state: dict[str, Any], meta: dict[str, Any]) -> Path:
-        """Write step ``step`` atomically (waits until it is on disk); older steps beyond ``keep`` go."""
+        """Write step ``step`` atomically (waits until it is on disk); older steps beyond ``keep`` go.
+
+        A step already on disk is left as it is (a run saves each step's state only once).
+        """
+        if step in self._mngr.all_steps():
+            return self.step_dir(step)
         if jax.process_index() == 0:
             self.root.mkdir(parents=True, exist_ok=True)
         self._mngr.save(

@@ -72,7 +72,7 @@ class TrainConfig:
     eval_iter: int = 5  # batches per split in each evaluation (book: 5)
     seed: int = 123  # model init, dropout and data order (the book's torch.manual_seed(123))
     start_context: str = "Every effort moves you"
-    sample_tokens: int = 50  # tokens generated for the sample after each epoch
+    sample_tokens: int = 50  # tokens generated for the sample after each epoch; 0: no samples
 
     def __post_init__(self) -> None:
         positive = (
@@ -82,7 +82,6 @@ class TrainConfig:
             "num_epochs",
             "eval_freq",
             "eval_iter",
-            "sample_tokens",
         )
         for name in positive:
             value = getattr(self, name)
@@ -92,7 +91,7 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not value > 0):
                 raise ValueError(f"TrainConfig.{name} must be positive or None, got {value!r}")
-        for name in ("weight_decay", "warmup_steps", "warmup_init_lr", "seed"):
+        for name in ("weight_decay", "warmup_steps", "warmup_init_lr", "seed", "sample_tokens"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 raise ValueError(f"TrainConfig.{name} must be >= 0, got {value!r}")
@@ -357,7 +356,8 @@ def train_step(
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     new_state = state.replace(params=params, opt_state=opt_state, step=state.step + 1)
-    return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+    grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))  # before any clipping
+    return new_state, {"loss": loss, "grad_norm": grad_norm}
 
 
 @functools.lru_cache(maxsize=16)
@@ -539,9 +539,12 @@ def train(
 
     def sample_now() -> None:
         flush()
-        hooks.on_epoch_end(
-            pos.epoch, generate_sample(state.params, cfg, tcfg.start_context, tcfg.sample_tokens)
+        sample = (
+            generate_sample(state.params, cfg, tcfg.start_context, tcfg.sample_tokens)
+            if tcfg.sample_tokens
+            else ""
         )
+        hooks.on_epoch_end(pos.epoch, sample)
 
     stopped, ended_epoch = False, False
     while step < total_steps and not stopped:

@@ -66,6 +66,7 @@ TRAIN_FLAGS = {
     "eval_freq": "eval_freq",
     "eval_iter": "eval_iter",
     "seed": "seed",
+    "sample_tokens": "sample_tokens",
 }
 RUN_FLAGS = ("preset", "data", "context_length", "dtype", "set", "save_every", "keep", "out")
 
@@ -115,6 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--dtype", choices=["float32", "bfloat16"], help="compute dtype of the matmuls (default: float32)")
     a("--eval-freq", type=int, help="evaluate after step 1 and every this many steps (default: preset)")
     a("--eval-iter", type=int, help="batches per split in each evaluation (default: preset)")
+    a(
+        "--sample-tokens",
+        type=int,
+        help="tokens of the greedy sample of 'Every effort moves you' each epoch; 0: none (default 50)",
+    )
     a("--seed", type=int, help=f"seed of init, dropout and data order (default: {book.seed})")
     a(
         "--save-every",
@@ -356,6 +362,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
+    hooks = CLIHooks(run)
+
+    def on_sigint(signum, frame):  # noqa: ANN001
+        hooks.interrupted = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once
+        hooks._print("Ctrl-C: saving a checkpoint after this step (press again to abort without saving)")
+
+    # Installed before the first line is printed: from then on Ctrl-C saves and exits cleanly.
+    old_handler = signal.signal(signal.SIGINT, on_sigint)
     out, cfg, tcfg, main_proc = run["out"], run["cfg"], run["tcfg"], jax.process_index() == 0
     start_step = int(run["state"].step)
     history = _records(out / "metrics.jsonl", start_step)
@@ -370,14 +385,6 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
 
-    hooks = CLIHooks(run)
-
-    def on_sigint(signum, frame):  # noqa: ANN001
-        hooks.interrupted = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once
-        hooks._print("Ctrl-C: saving a checkpoint after this step (press again to abort without saving)")
-
-    old_handler = signal.signal(signal.SIGINT, on_sigint)
     t0 = time.perf_counter()
     try:
         state, pos, records = train(

@@ -1,0 +1,170 @@
+"""Training core: the loss falls, accumulation equals a big batch, schedules, evaluation, NaN stop."""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxgpt.config import GPTConfig
+from jaxgpt.data import DataLoader, sliding_windows
+from jaxgpt.loss import calc_loss_loader
+from jaxgpt.train import (
+    Hooks,
+    NonFiniteLossError,
+    TrainConfig,
+    create_train_state,
+    evaluate,
+    make_schedule,
+    total_train_steps,
+    train,
+    train_step,
+)
+
+V = 32
+TINY = GPTConfig(vocab_size=V, context_length=8, emb_dim=16, n_heads=2, n_layers=1, drop_rate=0.0)
+
+
+def cycle_loaders(batch_size: int, T: int = 8) -> tuple[DataLoader, DataLoader]:
+    """A 24-token random cycle repeated: learnable, so a working trainer drives its loss down."""
+    cycle = np.random.default_rng(0).integers(0, V, 24)
+    ids = np.tile(cycle, 50)  # 1200 tokens
+    train_x, train_y = sliding_windows(ids[:1000], T, T)
+    val_x, val_y = sliding_windows(ids[1000:], T, T)
+    return (
+        DataLoader(train_x, train_y, batch_size, seed=1),
+        DataLoader(val_x, val_y, batch_size, shuffle=False, drop_last=False),
+    )
+
+
+class Recorder(Hooks):
+    def __init__(self, save_every: int = 0) -> None:
+        self.steps, self.evals, self.samples, self.saved = [], [], [], []
+        self.save_every = save_every
+
+    def on_step(self, step, metrics, pos):
+        self.steps.append((step, metrics["loss"]))
+
+    def on_eval(self, record):
+        self.evals.append(record)
+
+    def on_epoch_end(self, epoch, sample):
+        self.samples.append((epoch, sample))
+
+    def should_save(self, step):
+        return self.save_every > 0 and step % self.save_every == 0
+
+    def save(self, state, pos, final):
+        self.saved.append(
+            (int(state.step), final, bool(all(np.isfinite(x).all() for x in jax.tree.leaves(state.params))))
+        )
+
+
+def test_tiny_model_learns_and_the_loop_keeps_its_books():
+    train_loader, val_loader = cycle_loaders(batch_size=4)  # 125 windows -> 31 batches per epoch
+    tcfg = TrainConfig(
+        learning_rate=1e-2, batch_size=4, max_steps=40, eval_freq=10, eval_iter=3, sample_tokens=2
+    )
+    state, tx = create_train_state(TINY, tcfg, jax.random.PRNGKey(0), total_train_steps(train_loader, tcfg))
+    hooks = Recorder()
+    state, pos, records = train(state, tx, TINY, tcfg, train_loader, val_loader, hooks=hooks)
+
+    # An untrained model predicts ~uniformly: loss ln(V). The cycle is learnable: far below it after 40 steps.
+    assert records[0]["val_loss"] == pytest.approx(math.log(V), abs=0.15)
+    assert records[-1]["val_loss"] < 0.5 * math.log(V), records
+    assert records[-1]["train_loss"] < 0.5 * math.log(V), records
+    # Evaluations after step 1 and every eval_freq steps (the book's cadence), plus the last step.
+    assert [r["step"] for r in records] == [1, 11, 21, 31, 40]
+    assert [r["tokens_seen"] for r in records] == [s * 4 * 8 for s in (1, 11, 21, 31, 40)]
+    assert hooks.evals == records
+    assert [s for s, _ in hooks.steps] == list(range(1, 41))  # every step's metrics, read in order
+    # 31 steps per epoch: one full epoch (with its sample), then 9 steps into the second and a last sample.
+    assert [e for e, _ in hooks.samples] == [0, 1]
+    assert (pos.epoch, pos.batch, pos.tokens_seen) == (1, 9, 40 * 32)
+    assert int(state.step) == 40
+    assert hooks.saved == [(40, True, True)]
+
+
+def test_grad_accumulation_equals_one_big_batch():
+    tx = optax.sgd(1.0)  # the update is the gradient itself, so params compare gradients
+    tcfg = TrainConfig()
+    state, _ = create_train_state(TINY, tcfg, jax.random.PRNGKey(1), 10)
+    state = state.replace(opt_state=tx.init(state.params))
+    rng = np.random.default_rng(2)
+    x, y = rng.integers(0, V, (2, 8, 8)), rng.integers(0, V, (2, 8, 8))  # (A, B, T)
+    step = jax.jit(functools.partial(train_step, cfg=TINY, tx=tx))
+
+    copy = lambda s: jax.tree.map(jnp.array, s)  # noqa: E731
+    accum, m_accum = step(copy(state), (jnp.asarray(x), jnp.asarray(y)))
+    big, m_big = step(copy(state), (jnp.asarray(x.reshape(16, 8)), jnp.asarray(y.reshape(16, 8))))
+    unjitted, _ = train_step(copy(state), (jnp.asarray(x), jnp.asarray(y)), cfg=TINY, tx=tx)
+
+    assert float(m_accum["loss"]) == pytest.approx(float(m_big["loss"]), rel=1e-5)
+    assert float(m_accum["grad_norm"]) == pytest.approx(float(m_big["grad_norm"]), rel=1e-4)
+    for name, a, b, c in zip(
+        jax.tree_util.tree_leaves_with_path(state.params),
+        jax.tree.leaves(accum.params),
+        jax.tree.leaves(big.params),
+        jax.tree.leaves(unjitted.params),
+        strict=True,
+    ):
+        err = float(jnp.max(jnp.abs(a - b)))
+        assert err < 1e-6, f"{jax.tree_util.keystr(name[0])}: accumulated vs big batch differ by {err}"
+        assert float(jnp.max(jnp.abs(a - c))) < 1e-6, "jit and no jit disagree"
+
+
+def test_dropout_key_is_a_function_of_the_step():
+    cfg = TINY.replace(drop_rate=0.5)
+    tcfg = TrainConfig()
+    state, tx = create_train_state(cfg, tcfg, jax.random.PRNGKey(3), 10)
+    x = jnp.asarray(np.random.default_rng(4).integers(0, V, (4, 8)))
+    step = jax.jit(functools.partial(train_step, cfg=cfg, tx=tx))
+    copy = lambda s: jax.tree.map(jnp.array, s)  # noqa: E731
+    _, m0 = step(copy(state), (x, x))
+    _, m0_again = step(copy(state), (x, x))
+    _, m1 = step(copy(state).replace(step=jnp.ones((), jnp.int32)), (x, x))
+    assert float(m0["loss"]) == float(m0_again["loss"])  # same step: same dropout mask
+    assert float(m0["loss"]) != float(m1["loss"])  # next step: a fresh mask
+
+
+def test_schedule_warmup_then_cosine_to_min_lr():
+    tcfg = TrainConfig(learning_rate=1e-3, warmup_steps=10, min_lr=1e-4)
+    lr = make_schedule(tcfg, total_steps=110)
+    # Appendix D: linear 0 -> peak over the warmup, then peak -> min along half a cosine.
+    expected = {0: 0.0, 5: 5e-4, 10: 1e-3, 60: 1e-4 + 0.5 * (1e-3 - 1e-4), 110: 1e-4}
+    for step, want in expected.items():
+        assert float(lr(step)) == pytest.approx(want, rel=1e-5, abs=1e-9), step
+    constant = make_schedule(TrainConfig(learning_rate=4e-4), total_steps=50)
+    assert [float(constant(s)) for s in (0, 25, 50)] == pytest.approx([4e-4] * 3)
+
+
+def test_evaluate_matches_the_books_calc_loss_loader():
+    _, val_loader = cycle_loaders(batch_size=4)
+    state, _ = create_train_state(TINY, TrainConfig(), jax.random.PRNGKey(5), 10)
+    got = evaluate(state.params, TINY, val_loader, eval_iter=3)
+    want = calc_loss_loader(state.params, TINY, val_loader, num_batches=3)
+    assert got == pytest.approx(want, rel=1e-6)
+
+
+def test_non_finite_loss_stops_before_saving_the_bad_state():
+    train_loader, val_loader = cycle_loaders(batch_size=4)
+    tcfg = TrainConfig(learning_rate=1e30, batch_size=4, max_steps=20, eval_freq=100, sample_tokens=0)
+    state, tx = create_train_state(TINY, tcfg, jax.random.PRNGKey(0), 20)
+    hooks = Recorder(save_every=1)
+    with pytest.raises(NonFiniteLossError, match="non-finite training metrics at step"):
+        train(state, tx, TINY, tcfg, train_loader, val_loader, hooks=hooks)
+    assert hooks.saved, "the first step (finite loss) should have been saved"
+    assert all(finite for _, _, finite in hooks.saved), hooks.saved
+    assert not any(final for _, final, _ in hooks.saved)
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("learning_rate", 0), ("batch_size", 0), ("grad_accum", -1), ("train_ratio", 1.0), ("min_lr", 1.0)],
+)
+def test_train_config_rejects_bad_values(field, value):
+    with pytest.raises(ValueError, match=field):
+        TrainConfig(**{field: value})
