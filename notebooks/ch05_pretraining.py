@@ -1,0 +1,516 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Chapter 5 — Pretraining on unlabeled data, in jaxgpt
+#
+# A companion to chapter 5 of *Build a Large Language Model (From Scratch)*: the loss, its
+# training loop, the book's own training table reproduced from the book's own initial weights,
+# decoding strategies, and loading GPT-2's weights. Each key fact is `assert`ed.
+#
+# Environment variables:
+# - `JAXGPT_VERDICT`: path of the book's `the-verdict.txt` (it is in the book's repository under
+#   `ch02/01_main-chapter-code/`; nothing is downloaded). With it and the `reference` extra
+#   (`torch` and the book's `llms-from-scratch` package), section 5.2 trains from the book's
+#   exact initial weights and prints jaxgpt's losses beside the book's. Without them the same
+#   procedure runs on a slice of `jaxgpt.default_corpus()`, and says so.
+# - `JAXGPT_HF_GPT2`: a local Hugging Face GPT-2 directory (`config.json` + `model.safetensors`)
+#   for section 5.5; skipped with a message when unset.
+# - `JAXGPT_QUICK=1`: a tiny model and a short run (the test suite); `JAXGPT_FIGURES`: figure folder.
+#
+# The full run (124M parameters, 90 steps) takes about a minute on a GPU and tens of minutes on a
+# laptop CPU.
+
+# %%
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import matplotlib
+
+if "ipykernel" not in sys.modules:
+    matplotlib.use("Agg")
+import jax
+import jax.numpy as jnp
+import matplotlib.pyplot as plt
+import numpy as np
+
+import jaxgpt
+import jaxgpt.plot
+import jaxgpt.weights
+from jaxgpt import train as jt
+from jaxgpt.checkpoint import CheckpointManager, load_checkpoint
+from jaxgpt.generate import apply_temperature, sample_next_token, top_k_mask, top_p_mask
+
+QUICK = os.environ.get("JAXGPT_QUICK", "0") == "1"
+try:
+    _HERE = Path(__file__).resolve().parent
+except NameError:  # inside Jupyter
+    _HERE = Path.cwd()
+FIG_DIR = Path(os.environ.get("JAXGPT_FIGURES", _HERE / "figures"))
+FIG_DIR.mkdir(parents=True, exist_ok=True)
+
+
+def save(fig, name):
+    path = FIG_DIR / name
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    print(f"figure written: {path}")
+
+
+print("JAX backend:", jax.default_backend(), "| devices:", jax.devices())
+
+# %% [markdown]
+# ### Which text, which initial weights
+#
+# The book trains its `GPTModel` (GPT-2 small layout with a separate `out_head`, context 256)
+# from the weights `torch.manual_seed(123)` gives it. With PyTorch and `llms_from_scratch`
+# installed we build that very model and import its weights with
+# `jaxgpt.weights.load_book_state_dict`; otherwise jaxgpt initialises its own.
+
+# %%
+verdict = os.environ.get("JAXGPT_VERDICT")
+if verdict and not QUICK:
+    text_data = Path(verdict).read_text(encoding="utf-8")
+    text_source = f"the book's the-verdict.txt ({verdict})"
+else:
+    text_data = jaxgpt.default_corpus()[: 20_479 if not QUICK else 2_600]  # the story's length
+    why = "JAXGPT_QUICK=1" if QUICK else "JAXGPT_VERDICT is not set"
+    text_source = f"a slice of jaxgpt.default_corpus() ({why}), NOT the book's text"
+book_text = verdict is not None and not QUICK
+if book_text:
+    assert len(text_data) == 20479, f"{verdict} has {len(text_data)} characters, the book's file 20479"
+
+if QUICK:  # a toy model for the test suite
+    cfg = jaxgpt.GPTConfig(
+        context_length=32, emb_dim=32, n_heads=2, n_layers=2, drop_rate=0.1, tie_embeddings=False
+    )
+else:  # the book's GPT_CONFIG_124M with context_length 256 (section 5.1.1)
+    cfg = jaxgpt.get_config("gpt2-small", context_length=256, tie_embeddings=False)
+
+try:
+    import torch
+    from llms_from_scratch.ch04 import GPTModel as BookGPTModel
+except ImportError as e:
+    torch = None
+    print(f"reference extra not installed ({e}): jaxgpt initialises the weights itself")
+
+
+def book_initial_params(cfg):
+    """The book's ``GPTModel(cfg)`` under ``torch.manual_seed(123)``, imported into jaxgpt."""
+    book_cfg = {
+        "vocab_size": cfg.vocab_size,
+        "context_length": cfg.context_length,
+        "emb_dim": cfg.emb_dim,
+        "n_heads": cfg.n_heads,
+        "n_layers": cfg.n_layers,
+        "drop_rate": cfg.drop_rate,
+        "qkv_bias": cfg.qkv_bias,
+    }
+    torch.manual_seed(123)
+    model = BookGPTModel(book_cfg)
+    _, params = jaxgpt.weights.load_book_state_dict(model.state_dict(), cfg=cfg)
+    return params
+
+
+book_weights = torch is not None and not QUICK
+if book_weights:
+    initial_params = book_initial_params(cfg)
+    weights_source = "the book's GPTModel under torch.manual_seed(123), imported"
+else:
+    initial_params = jaxgpt.init_params(cfg, jax.random.key(123))
+    weights_source = "jaxgpt.init_params(cfg, jax.random.key(123))"
+print(f"text: {text_source}: {len(text_data):,} characters")
+print(f"initial weights: {weights_source}; {jaxgpt.count_params(initial_params):,} parameters")
+tokenizer = jaxgpt.get_tokenizer()
+
+
+def fresh_params():
+    return jax.tree.map(jnp.array, initial_params)  # a copy: training donates its input buffers
+
+
+# %% [markdown]
+# ## 5.1.1 Using GPT to generate text
+#
+# *What does an untrained model say?* Gibberish: greedy decoding of random weights. From the
+# book's initial weights, jaxgpt continues "Every effort moves you" with exactly the tokens the
+# book prints.
+
+# %%
+start_ids = jaxgpt.text_to_token_ids("Every effort moves you")
+out = jaxgpt.generate(initial_params, cfg, start_ids, max_new_tokens=10)
+print("Output text:\n", jaxgpt.token_ids_to_text(out))
+if book_weights:
+    assert (
+        jaxgpt.token_ids_to_text(out) == "Every effort moves you rentingetic wasnم refres RexMeCHicular stren"
+    )
+
+# %% [markdown]
+# ## 5.1.2 Cross-entropy and perplexity
+#
+# *What does the loss compute?* For each position the model gives a probability to every
+# vocabulary entry; the loss is the average negative log-probability of the correct next tokens.
+# Perplexity, exp(loss), is the number of equally likely tokens the model is effectively choosing
+# among — about the vocabulary size (50,257) for an untrained model. Below, by hand (softmax,
+# pick the targets' probabilities, log, average, negate) and through `jaxgpt.cross_entropy`.
+
+# %%
+inputs = jnp.array([[16833, 3626, 6100], [40, 1107, 588]])  # "every effort moves", "I really like"
+targets = jnp.array([[3626, 6100, 345], [588, 428, 11311]])  # " effort moves you", " really like chocolate"
+logits = jaxgpt.GPTModel(cfg).apply({"params": initial_params}, inputs % cfg.vocab_size)  # (2, 3, V)
+probas = jax.nn.softmax(logits, axis=-1)
+target_probas = jnp.take_along_axis(probas, (targets % cfg.vocab_size)[..., None], axis=-1)[..., 0]  # (2, 3)
+log_probas = jnp.log(target_probas)
+by_hand = -log_probas.mean()
+loss = jaxgpt.cross_entropy(logits, targets % cfg.vocab_size)
+perplexity = jnp.exp(loss)
+print("probabilities of the targets:\n", np.asarray(target_probas))
+print(f"average log-probability {float(log_probas.mean()):.4f} -> loss by hand {float(by_hand):.4f}")
+print(f"jaxgpt.cross_entropy {float(loss):.4f}; perplexity exp(loss) = {float(perplexity):,.1f}")
+assert abs(float(by_hand) - float(loss)) < 1e-4
+if book_weights:  # the book prints these for its seed-123 model
+    np.testing.assert_allclose(target_probas[0], [7.4541e-05, 3.1061e-05, 1.1563e-05], rtol=1e-3)
+    assert abs(float(loss) - 10.7940) < 1e-3 and abs(float(perplexity) - 48725.8203) < 5
+else:  # untrained: about as unsure as a uniform guess over the vocabulary
+    assert 0.5 * cfg.vocab_size < float(perplexity) < 2 * cfg.vocab_size
+
+# %% [markdown]
+# ## 5.1.3 Training and validation losses
+#
+# The text is split 90/10 by characters, as in the book, and cut into non-overlapping windows of
+# `context_length` tokens (`jaxgpt.train.prepare_data`).
+
+# %%
+tcfg = jt.TrainConfig(
+    learning_rate=4e-4,
+    weight_decay=0.1,
+    batch_size=2,
+    num_epochs=10 if not QUICK else 2,
+    eval_freq=5,
+    eval_iter=5,
+    seed=123,
+    sample_tokens=50 if not QUICK else 8,
+)
+data = jt.prepare_data(text_data, cfg.context_length, tcfg)
+print(f"train: {data.train_tokens:,} tokens, {len(data.train_loader)} batches of {tcfg.batch_size}")
+print(f"val:   {data.val_tokens:,} tokens, {len(data.val_loader)} batch(es)")
+train_loss = jaxgpt.calc_loss_loader(initial_params, cfg, data.train_loader)
+val_loss = jaxgpt.calc_loss_loader(initial_params, cfg, data.val_loader)
+print(f"Training loss: {train_loss:.5f}, Validation loss: {val_loss:.5f}")
+if book_text:
+    assert len(data.train_loader) == 9 and len(data.val_loader) == 1  # the book's 9 + 1 batches
+if book_text and book_weights:  # the book's printed values (the mean is independent of the order)
+    assert abs(train_loss - 10.98758) < 2e-3 and abs(val_loss - 10.98111) < 2e-3
+
+# %% [markdown]
+# ## 5.2 Training an LLM — the book's training table
+#
+# `jaxgpt.train.train` is the book's `train_model_simple`: AdamW (lr 4e-4, weight decay 0.1),
+# batch 2, dropout 0.1, an evaluation after the first step and every 5 steps over at most 5
+# batches of each split, and a greedy sample after each epoch. The lines below are printed in the
+# book's format; its step counter starts at 0, so book step *s* is jaxgpt step *s* + 1.
+
+
+# %%
+class BookPrinter(jt.Hooks):
+    def __init__(self, verbose=True):
+        self.verbose = verbose
+
+    def on_eval(self, r):
+        if self.verbose:
+            epoch = min(int(r["epoch"]) + 1, tcfg.num_epochs)
+            print(
+                f"Ep {epoch} (Step {r['step'] - 1:06d}): "
+                f"Train loss {r['train_loss']:.3f}, Val loss {r['val_loss']:.3f}"
+            )
+
+    def on_epoch_end(self, epoch, sample):
+        if self.verbose:
+            print(sample)
+
+
+def run_training(params, verbose=True, max_steps=None):
+    run_tcfg = tcfg.replace(max_steps=max_steps)
+    total = jt.total_train_steps(data.train_loader, run_tcfg)
+    tx = jt.make_optimizer(run_tcfg, total)
+    state = jt.TrainState(
+        params=params,
+        opt_state=tx.init(params),
+        step=jnp.zeros((), jnp.int32),
+        rng=jax.random.PRNGKey(run_tcfg.seed),  # the dropout key; step s uses fold_in(rng, s)
+    )
+    return jt.train(state, tx, cfg, run_tcfg, data.train_loader, data.val_loader, hooks=BookPrinter(verbose))
+
+
+t0 = time.time()
+state, pos, records = run_training(fresh_params())
+print(f"training took {time.time() - t0:.0f} s on {jax.default_backend()}")
+train_losses = np.array([r["train_loss"] for r in records])
+val_losses = np.array([r["val_loss"] for r in records])
+assert np.isfinite(train_losses).all() and train_losses[-1] < train_losses[0] - (0.1 if QUICK else 8.0)
+
+# %% [markdown]
+# ### Side by side with the book
+#
+# Two printed versions of this table exist: the book's (also the repository notebook's output,
+# 9.781 → 0.391) and a later run of the repository notebook (9.817 → 0.569, the one quoted
+# in this project's issue). Both come from the same code and seed; they differ from each other
+# because PyTorch's dropout and shuffling streams differ between versions and machines.
+
+# %%
+# (book step, train, val): the book's printed run, and the later repository run.
+BOOK_PRINTED = [
+    (0, 9.781, 9.933), (5, 8.111, 8.339), (10, 6.661, 7.048), (15, 5.961, 6.616), (20, 5.726, 6.600),
+    (25, 5.201, 6.348), (30, 4.417, 6.278), (35, 4.069, 6.226), (40, 3.732, 6.160), (45, 2.850, 6.179),
+    (50, 2.427, 6.141), (55, 2.104, 6.134), (60, 1.882, 6.233), (65, 1.320, 6.238), (70, 0.985, 6.242),
+    (75, 0.717, 6.293), (80, 0.541, 6.393), (85, 0.391, 6.452),
+]  # fmt: skip
+BOOK_REPO_LATER = [
+    (0, 9.817, 9.924), (5, 8.066, 8.332), (10, 6.619, 7.042), (15, 6.046, 6.596), (20, 5.524, 6.508),
+    (25, 5.369, 6.378), (30, 4.830, 6.263), (35, 4.586, 6.285), (40, 3.879, 6.130), (45, 3.530, 6.183),
+    (50, 2.960, 6.123), (55, 2.832, 6.150), (60, 2.104, 6.133), (65, 1.691, 6.186), (70, 1.391, 6.230),
+    (75, 1.059, 6.251), (80, 0.800, 6.278), (85, 0.569, 6.373),
+]  # fmt: skip
+
+ours = {r["step"] - 1: r for r in records}
+print(
+    f"{'step':>5} | {'jaxgpt train':>12} {'val':>6} | {'book train':>10} {'val':>6} | {'later':>6} {'val':>6}"
+)
+for (s, bt, bv), (_, lt, lv) in zip(BOOK_PRINTED, BOOK_REPO_LATER, strict=True):
+    if s in ours:
+        print(
+            f"{s:>5} | {ours[s]['train_loss']:>12.3f} {ours[s]['val_loss']:>6.3f} | "
+            f"{bt:>10.3f} {bv:>6.3f} | {lt:>6.3f} {lv:>6.3f}"
+        )
+if records[-1]["step"] - 1 not in {s for s, _, _ in BOOK_PRINTED}:
+    r = records[-1]
+    print(f"{r['step'] - 1:>5} | {r['train_loss']:>12.3f} {r['val_loss']:>6.3f} | (after the last step)")
+
+best = int(np.argmin(val_losses))
+print(
+    f"jaxgpt: train {train_losses[0]:.3f} -> {train_losses[-1]:.3f}; val lowest {val_losses[best]:.3f} "
+    f"at step {records[best]['step'] - 1}, last {val_losses[-1]:.3f}"
+)
+if book_text and book_weights:
+    first = ours[0]
+    # Step 0 is one update from identical weights on (for both) a random first batch: the book's
+    # two runs give 9.781 and 9.817, jaxgpt's must land in the same place.
+    assert abs(first["train_loss"] - 9.8) < 0.15 and abs(first["val_loss"] - 9.93) < 0.1
+    assert 0.2 < ours[85]["train_loss"] < 1.0  # memorised: the book ends at 0.391 and 0.569
+    assert (
+        5.9 < val_losses.min() < 6.35 and 6.0 < ours[85]["val_loss"] < 6.8
+    )  # the book: ~6.12-6.13, then 6.37-6.45
+
+# %% [markdown]
+# **What differs, and why.** The initial weights are the book's, bit for bit, and the starting
+# losses agree with the book's to four decimals (5.1.3). What cannot agree exactly is what comes
+# from random numbers: PyTorch draws dropout masks and the shuffled batch order from its own
+# generator, jaxgpt from explicit `jax.random` keys (dropout) and NumPy (`(seed, epoch)` → order).
+# The evaluation also differs slightly: the book's `evaluate_model` takes the first 5 batches of
+# a *freshly shuffled* pass each time, jaxgpt always the first 5 of epoch 0's order. And the
+# arithmetic runs in different kernels (XLA vs PyTorch), so even identical random streams would
+# drift apart in the last digits over 90 updates. The shape of the curve — training loss falling
+# to well under 1 while validation bottoms out near 6.1 after 5-6 epochs and then rises — is the
+# same: the model memorises the 18-window story.
+#
+# **Same seed, same curve.** jaxgpt's randomness is a function of the seed alone (the dropout key
+# of step s is `fold_in(key, s)`; the batch order of epoch e is drawn from `(seed, e)`), so a
+# second run gives the identical losses, bit for bit.
+
+# %%
+repeat_steps = None if QUICK else 2 * len(data.train_loader)  # the full run again, or its first 2 epochs
+_, _, again = run_training(fresh_params(), verbose=False, max_steps=repeat_steps)
+first_run = {r["step"]: (r["train_loss"], r["val_loss"]) for r in records}
+same = [
+    (r["step"], (r["train_loss"], r["val_loss"]) == first_run[r["step"]])
+    for r in again
+    if r["step"] in first_run
+]
+print(f"second run: {sum(ok for _, ok in same)} of {len(same)} evaluations identical to the first run's")
+assert same and all(ok for _, ok in same)
+
+fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
+steps = [r["step"] - 1 for r in records]
+for ax, (name, table) in zip(
+    axes, (("book (printed)", BOOK_PRINTED), ("book repository, later run", BOOK_REPO_LATER)), strict=True
+):
+    ax.plot(steps, train_losses, "C0-", label="jaxgpt train")
+    ax.plot(steps, val_losses, "C0-.", label="jaxgpt val")
+    if not QUICK:
+        ax.plot([s for s, _, _ in table], [t for _, t, _ in table], "C1o", ms=3, label=f"{name} train")
+        ax.plot([s for s, _, _ in table], [v for _, _, v in table], "C1^", ms=3, label=f"{name} val")
+    ax.set_xlabel("step")
+    ax.legend(fontsize=8)
+axes[0].set_ylabel("loss")
+fig.suptitle(
+    f"Chapter 5 training: jaxgpt vs the book\n{text_source if not book_text else 'the-verdict.txt'}; "
+    f"init: {'book weights' if book_weights else 'jaxgpt init'}",
+    fontsize=9,
+)
+save(fig, "ch05_book_table.png")
+
+# The book's loss plot: losses against tokens seen, epochs on a second axis.
+path = jaxgpt.plot.plot_losses(
+    records, FIG_DIR / "ch05_training_loss.png", title=f"jaxgpt, {jax.default_backend()}"
+)
+print(f"figure written: {path}")
+
+# %% [markdown]
+# ## 5.3 Decoding strategies: temperature, top-k, top-p
+#
+# *What does temperature do?* Sampling draws the next token from softmax(logits / T). T < 1
+# sharpens the distribution towards the argmax, T > 1 flattens it. The book's example: a 9-word
+# vocabulary and the logits after "every effort moves you".
+
+# %%
+vocab = ["closer", "every", "effort", "forward", "inches", "moves", "pizza", "toward", "you"]
+next_token_logits = jnp.array([4.51, 0.89, -1.90, 6.75, 1.63, -1.62, -1.89, 6.28, 1.79])
+temperatures = (1.0, 0.1, 5.0)
+scaled = {T: jax.nn.softmax(apply_temperature(next_token_logits, T)) for T in temperatures}
+for T, p in scaled.items():
+    print(f"T={T:>4}: " + ", ".join(f"{w} {float(q):.3f}" for w, q in zip(vocab, p, strict=True)))
+    assert jnp.allclose(p, jax.nn.softmax(next_token_logits / T), atol=1e-6)
+assert vocab[int(jnp.argmax(scaled[1.0]))] == "forward" and float(scaled[0.1][3]) > 0.99
+assert (
+    abs(float(scaled[5.0][vocab.index("pizza")]) - 0.043) < 0.002
+)  # the book: "pizza" ~4% of the time at T=5
+
+# Sampling with jaxgpt.generate.sample_next_token, 5,000 draws per temperature.
+n_draws = 5000
+counts = {}
+for i, T in enumerate(temperatures):
+    draws = sample_next_token(jnp.tile(next_token_logits, (n_draws, 1)), key=jax.random.key(i), temperature=T)
+    counts[T] = np.bincount(np.asarray(draws), minlength=len(vocab))
+    print(f"T={T:>4} sampled: " + ", ".join(f"{c} x {w}" for w, c in zip(vocab, counts[T], strict=True) if c))
+    assert np.abs(counts[T] / n_draws - np.asarray(scaled[T])).max() < 0.03
+
+fig, ax = plt.subplots(figsize=(7, 3.2))
+x = np.arange(len(vocab))
+for i, T in enumerate(temperatures):
+    ax.bar(x + (i - 1) * 0.25, np.asarray(scaled[T]), width=0.25, label=f"temperature {T:g}")
+ax.set_xticks(x, vocab, rotation=45)
+ax.set_ylabel("probability")
+ax.set_title('Next token after "every effort moves you"')
+ax.legend()
+save(fig, "ch05_temperature.png")
+
+# %% [markdown]
+# *What do top-k and top-p keep?* Top-k keeps the k largest logits and sets the rest to −∞
+# before the softmax (the book's 5.3.2, k = 3). Top-p (nucleus) keeps the most likely tokens
+# until their probability mass reaches p. Both are checked against a direct computation.
+
+# %%
+topk = top_k_mask(next_token_logits, 3)
+topk_probas = jax.nn.softmax(topk)
+print("top-k=3 logits:", np.asarray(topk))
+print("top-k=3 probabilities:", np.round(np.asarray(topk_probas), 4))
+np.testing.assert_allclose(topk_probas, [0.0615, 0, 0, 0.5775, 0, 0, 0, 0.3610, 0], atol=1e-4)  # the book's
+
+p_full = np.asarray(scaled[1.0])
+for top_p in (0.5, 0.9, 0.99):
+    kept = np.isfinite(np.asarray(top_p_mask(next_token_logits, top_p)))
+    order = np.argsort(-p_full)
+    n_keep = int(np.searchsorted(np.cumsum(p_full[order]), top_p) + 1)  # smallest prefix with mass >= p
+    expected = np.zeros(len(vocab), bool)
+    expected[order[:n_keep]] = True
+    print(
+        f"top-p={top_p}: keeps {[w for w, k in zip(vocab, kept, strict=True) if k]} "
+        f"(mass {p_full[kept].sum():.3f})"
+    )
+    assert (kept == expected).all()
+topp_probas = np.asarray(jax.nn.softmax(top_p_mask(next_token_logits, 0.9)))
+
+fig, ax = plt.subplots(figsize=(7, 3.2))
+for i, (label, p) in enumerate(
+    (("all tokens", p_full), ("top-k = 3", np.asarray(topk_probas)), ("top-p = 0.9", topp_probas))
+):
+    ax.bar(x + (i - 1) * 0.25, p, width=0.25, label=label)
+ax.set_xticks(x, vocab, rotation=45)
+ax.set_ylabel("probability after masking")
+ax.set_title("Top-k and top-p: renormalised over the tokens kept")
+ax.legend()
+save(fig, "ch05_top_k_top_p.png")
+
+# %% [markdown]
+# The trained model with the book's `generate` settings (5.3.3: temperature 1.4, top-k 25) —
+# sampled with an explicit key, so the same key always gives the same text.
+
+# %%
+trained = state.params
+key = jax.random.key(123)
+sampled = jaxgpt.generate(trained, cfg, start_ids, max_new_tokens=15, temperature=1.4, top_k=25, key=key)
+sampled_again = jaxgpt.generate(
+    trained, cfg, start_ids, max_new_tokens=15, temperature=1.4, top_k=25, key=key
+)
+print("Output text:\n", jaxgpt.token_ids_to_text(sampled))
+assert jnp.array_equal(sampled, sampled_again)
+
+# %% [markdown]
+# ## 5.4 Saving and loading the trained model
+#
+# jaxgpt saves the params, the optimizer state, the configs and the data position together
+# (orbax); `load_checkpoint` needs only the path.
+
+# %%
+with tempfile.TemporaryDirectory() as run_dir:
+    mngr = CheckpointManager(run_dir)
+    jt.save_checkpoint(mngr, state, cfg, tcfg, pos, jt.total_train_steps(data.train_loader, tcfg))
+    loaded_cfg, loaded = load_checkpoint(run_dir)
+    same_params = jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), loaded, trained))
+    print(
+        f"step {int(state.step)} saved and loaded: config equal {loaded_cfg == cfg}, params equal {same_params}"
+    )
+    assert loaded_cfg == cfg and same_params
+
+# %% [markdown]
+# ## 5.5 Loading pretrained weights from OpenAI (a local Hugging Face directory)
+#
+# The book downloads OpenAI's TensorFlow checkpoint; jaxgpt reads a local Hugging Face GPT-2
+# directory instead (`jaxgpt.weights.load_hf_gpt2`), with every name and shape checked.
+
+# %%
+hf_dir = os.environ.get("JAXGPT_HF_GPT2")
+if not hf_dir:
+    print(
+        "JAXGPT_HF_GPT2 is not set: skipping GPT-2 weights (point it at a local gpt2 directory "
+        "with config.json and model.safetensors)"
+    )
+else:
+    gpt2_cfg, gpt2_params = jaxgpt.weights.load_hf_gpt2(hf_dir)
+    print(gpt2_cfg)
+    print(f"{jaxgpt.count_params(gpt2_params):,} parameters")
+    gpt2_out = jaxgpt.generate(
+        gpt2_params,
+        gpt2_cfg,
+        start_ids,
+        max_new_tokens=25,
+        temperature=1.5,
+        top_k=50,
+        key=jax.random.key(123),
+    )
+    print("Output text:\n", jaxgpt.token_ids_to_text(gpt2_out))
+    greedy = jaxgpt.generate(gpt2_params, gpt2_cfg, start_ids, max_new_tokens=25)
+    print("Greedy:\n", jaxgpt.token_ids_to_text(greedy))
+    assert math.isfinite(
+        float(
+            jaxgpt.cross_entropy(
+                jaxgpt.GPTModel(gpt2_cfg).apply({"params": gpt2_params}, start_ids[:, :-1]), start_ids[:, 1:]
+            )
+        )
+    )
+
+# %%
+print("ch05: all checks passed")
