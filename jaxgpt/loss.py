@@ -8,10 +8,11 @@ from collections.abc import Iterable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jaxgpt.config import GPTConfig
-from jaxgpt.model import GPTModel, Params
+from jaxgpt.model import GPTModel, Params, _transposed
 
 Array = jax.Array
 
@@ -24,6 +25,115 @@ def cross_entropy(logits: Array, targets: Array) -> Array:
     """
     losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)  # (B, T)
     return losses.mean()
+
+
+# --- the training loss without the (B, T, V) logits ---------------------------------------------
+#
+# The logits of one gpt2-small batch (8 x 256 x 50257 floats) take 411 MB, and autodiff keeps
+# them and their gradient alive at once. The loss below applies the head to ``chunk_rows`` rows at
+# a time and, while it has a chunk's logits, also forms their gradient (softmax - one_hot) / N and
+# multiplies it back into the gradients of the hidden states and of the head. The backward pass
+# then only scales those by the incoming cotangent: no logits are kept and none are recomputed.
+
+CHUNK_ROWS = 1024
+
+
+def _mm(a: Array, b: Array, dtype: str) -> Array:
+    """a (M, K) @ b (K, N) -> float32; in bfloat16 inputs when ``dtype`` says so."""
+    if dtype == "float32":
+        return a @ b
+    return jnp.dot(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
+
+
+def _chunked_loss_and_grads(
+    x: Array, head: Array, head_t: Array, targets: Array, dtype: str, chunk_rows: int, with_grads: bool
+) -> tuple[Array, Array | None, Array | None]:
+    """Mean cross-entropy of ``targets`` (N,) under logits ``x @ head``; x (N, C), head (C, V), head_t (V, C).
+
+    With ``with_grads`` also d loss / d x (N, C) and d loss / d head (C, V), both float32.
+    """
+    N, C = x.shape
+    n_chunks = -(-N // chunk_rows)
+    pad = n_chunks * chunk_rows - N
+    xs = jnp.pad(x, ((0, pad), (0, 0))).reshape(n_chunks, chunk_rows, C)
+    ys = jnp.pad(targets, (0, pad)).reshape(n_chunks, chunk_rows)
+    weights = (jnp.arange(n_chunks * chunk_rows) < N).astype(jnp.float32).reshape(n_chunks, chunk_rows, 1) / N
+
+    def one_chunk(dhead: Array | None, chunk: tuple[Array, Array, Array]) -> tuple[Array | None, tuple]:
+        xc, yc, wc = chunk  # (R, C), (R,), (R, 1)
+        logits = _mm(xc, head, dtype)  # (R, V)
+        lse = jax.nn.logsumexp(logits, axis=-1, keepdims=True)  # (R, 1)
+        target_logit = jnp.take_along_axis(logits, yc[:, None], axis=-1)  # (R, 1)
+        loss_sum = ((lse - target_logit) * wc).sum()
+        if not with_grads:
+            return dhead, (loss_sum, jnp.zeros((), jnp.float32))
+        one_hot = jnp.arange(logits.shape[-1])[None, :] == yc[:, None]  # (R, V)
+        dlogits = (jnp.exp(logits - lse) - one_hot) * wc  # (R, V): d mean-loss / d logits
+        dx = _mm(dlogits, head_t, dtype)  # (R, C)
+        dhead = dhead + _mm(_transposed(xc), dlogits, dtype)  # (C, V)
+        return dhead, (loss_sum, dx)
+
+    dhead0 = jnp.zeros(head.shape, jnp.float32) if with_grads else None
+    dhead, (loss_sums, dxs) = jax.lax.scan(one_chunk, dhead0, (xs, ys, weights))
+    if not with_grads:
+        return loss_sums.sum(), None, None
+    return loss_sums.sum(), dxs.reshape(-1, C)[:N], dhead
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _linear_cross_entropy(x: Array, head: Array, targets: Array, dtype: str, chunk_rows: int) -> Array:
+    return _chunked_loss_and_grads(x, head, _head_t(head, dtype), targets, dtype, chunk_rows, False)[0]
+
+
+def _head_t(head: Array, dtype: str) -> Array:
+    return head.T if dtype == "float32" else _transposed(head.astype(jnp.bfloat16))
+
+
+def _linear_cross_entropy_fwd(x, head, targets, dtype, chunk_rows):
+    loss, dx, dhead = _chunked_loss_and_grads(x, head, _head_t(head, dtype), targets, dtype, chunk_rows, True)
+    return loss, (dx, dhead, targets)
+
+
+def _linear_cross_entropy_bwd(dtype, chunk_rows, res, g):
+    dx, dhead, targets = res
+    return g * dx, g * dhead, np.zeros(targets.shape, dtype=jax.dtypes.float0)
+
+
+_linear_cross_entropy.defvjp(_linear_cross_entropy_fwd, _linear_cross_entropy_bwd)
+
+
+def linear_cross_entropy(
+    hidden: Array, head: Array, targets: Array, dtype: str = "float32", chunk_rows: int = CHUNK_ROWS
+) -> Array:
+    """``cross_entropy(hidden @ head, targets)`` without ever holding all the logits.
+
+    hidden (B, T, C) from ``GPTModel(..., head=False)``; head (C, V); targets (B, T). Equal to
+    the plain loss (and so are its gradients) up to float rounding; peak memory holds the
+    logits of ``chunk_rows`` rows only.
+    """
+    B, T, C = hidden.shape
+    if targets.shape != (B, T):
+        raise ValueError(
+            f"targets must have shape {(B, T)} to match hidden {hidden.shape}, got {targets.shape}"
+        )
+    chunk_rows = max(1, min(chunk_rows, B * T))
+    return _linear_cross_entropy(hidden.reshape(B * T, C), head, targets.reshape(B * T), dtype, chunk_rows)
+
+
+def train_loss(
+    params: Params, cfg: GPTConfig, input_batch: Array, target_batch: Array, dropout_key: Array
+) -> Array:
+    """The training loss of one (B, T) batch with dropout on (the book's calc_loss_batch in training).
+
+    The same number as ``cross_entropy(GPTModel(cfg).apply(..., deterministic=False), targets)``,
+    computed by :func:`linear_cross_entropy` so that neither the forward nor the backward pass holds
+    the (B, T, V) logits.
+    """
+    hidden = GPTModel(cfg).apply(
+        {"params": params}, input_batch, deterministic=False, head=False, rngs={"dropout": dropout_key}
+    )  # (B, T, C)
+    head = params["tok_emb"]["embedding"].T if cfg.tie_embeddings else params["out_head"]["kernel"]  # (C, V)
+    return linear_cross_entropy(hidden, head, target_batch, cfg.dtype)
 
 
 @functools.partial(jax.jit, static_argnames="cfg")

@@ -33,15 +33,88 @@ KVCache = dict[str, Array]
 _init_normal = nn.initializers.normal(stddev=0.02)  # GPT-2's initialisation
 
 
-def _dense(cfg: GPTConfig, features: int, name: str, use_bias: bool = True) -> nn.Dense:
-    return nn.Dense(
-        features,
-        use_bias=use_bias,
-        dtype=jnp.dtype(cfg.dtype),
-        param_dtype=jnp.float32,
-        kernel_init=_init_normal,
-        name=name,
-    )
+# --- matmuls: float32, or bfloat16 inputs accumulating in float32 (cfg.dtype) ---
+
+
+def _transposed(a: Array) -> Array:
+    """``a.T`` for a 2-D array, as a real row-major copy.
+
+    XLA folds a plain transpose into the matmul that reads it; on CPU the bfloat16 matmul
+    library then cannot take the operand and XLA falls back to float32 (half the speed). A
+    transpose through a rank-3 view is copied instead, and the copy is cheap next to the matmul.
+    """
+    return jnp.transpose(a[:, :, None], (1, 0, 2)).reshape(a.shape[1], a.shape[0])
+
+
+@jax.custom_vjp
+def _bf16_matmul(x: Array, w: Array) -> Array:
+    """(M, K) @ (K, N) -> (M, N) float32, multiplying in bfloat16 and accumulating in float32."""
+    return jnp.dot(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
+
+
+def _bf16_matmul_fwd(x: Array, w: Array) -> tuple[Array, tuple[Array, Array]]:
+    x16, w16 = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)  # saved for the backward in bf16
+    return jnp.dot(x16, w16, preferred_element_type=jnp.float32), (x16, w16)
+
+
+def _bf16_matmul_bwd(res: tuple[Array, Array], g: Array) -> tuple[Array, Array]:
+    # Autodiff would give the backward matmuls float32 cotangents (so float32 speed); here both
+    # are bf16 x bf16 -> f32 too. Gradients come back in float32, like the params they update.
+    x16, w16 = res
+    g16 = g.astype(jnp.bfloat16)
+    dx = jnp.dot(g16, _transposed(w16), preferred_element_type=jnp.float32)  # (M, K)
+    dw = jnp.dot(_transposed(x16), g16, preferred_element_type=jnp.float32)  # (K, N)
+    return dx, dw
+
+
+_bf16_matmul.defvjp(_bf16_matmul_fwd, _bf16_matmul_bwd)
+
+
+def matmul(x: Array, w: Array, dtype: str) -> Array:
+    """x (..., K) @ w (K, N) -> (..., N) in float32; ``dtype="bfloat16"`` multiplies in bf16."""
+    if dtype == "float32":
+        return x @ w
+    lead = x.shape[:-1]
+    return _bf16_matmul(x.reshape(-1, x.shape[-1]), w).reshape(*lead, w.shape[-1])
+
+
+class Linear(nn.Module):
+    """``x @ kernel + bias`` (torch's nn.Linear; the param tree of ``flax.linen.Dense``).
+
+    Params stay float32; ``cfg.dtype`` only sets the precision of the multiplication.
+    """
+
+    cfg: GPTConfig
+    features: int
+    use_bias: bool = True
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:  # (..., in) -> (..., features)
+        kernel = self.param("kernel", _init_normal, (x.shape[-1], self.features), jnp.float32)
+        y = matmul(x, kernel, self.cfg.dtype)
+        if self.use_bias:
+            bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+            y = y + bias.reshape((1,) * (y.ndim - 1) + (-1,))
+        return y
+
+
+class LinearParams(nn.Module):
+    """The kernel (in, out) and bias (out,) of a :class:`Linear`, returned instead of applied.
+
+    Lets attention multiply by the three projections at once while each keeps its own name.
+    """
+
+    in_features: int
+    features: int
+    use_bias: bool = True
+
+    @nn.compact
+    def __call__(self) -> tuple[Array, Array | None]:
+        kernel = self.param("kernel", _init_normal, (self.in_features, self.features), jnp.float32)
+        bias = None
+        if self.use_bias:
+            bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+        return kernel, bias
 
 
 class LayerNorm(nn.Module):
@@ -54,12 +127,11 @@ class LayerNorm(nn.Module):
     def __call__(self, x: Array) -> Array:  # (..., C) -> (..., C)
         scale = self.param("scale", nn.initializers.ones, (self.emb_dim,), jnp.float32)
         shift = self.param("shift", nn.initializers.zeros, (self.emb_dim,), jnp.float32)
-        x32 = x.astype(jnp.float32)  # normalise in float32 whatever the compute dtype
-        mean = x32.mean(axis=-1, keepdims=True)
-        var = ((x32 - mean) ** 2).mean(axis=-1, keepdims=True)  # biased: divide by C, not C - 1
-        norm_x = (x32 - mean) / jnp.sqrt(var + self.eps)
+        mean = x.mean(axis=-1, keepdims=True)
+        var = ((x - mean) ** 2).mean(axis=-1, keepdims=True)  # biased: divide by C, not C - 1
+        norm_x = (x - mean) / jnp.sqrt(var + self.eps)
         lead = (1,) * (x.ndim - 1)
-        return (scale.reshape(lead + (-1,)) * norm_x + shift.reshape(lead + (-1,))).astype(x.dtype)
+        return scale.reshape(lead + (-1,)) * norm_x + shift.reshape(lead + (-1,))
 
 
 def gelu(x: Array) -> Array:
@@ -76,8 +148,43 @@ class FeedForward(nn.Module):
     def __call__(self, x: Array) -> Array:  # (B, T, C) -> (B, T, C)
         C = self.cfg.emb_dim
         # `layers_0` and `layers_2` mirror the book's nn.Sequential indices (1 is the GELU).
-        h = gelu(_dense(self.cfg, 4 * C, "layers_0")(x))  # (B, T, 4C)
-        return _dense(self.cfg, C, "layers_2")(h)  # (B, T, C)
+        h = gelu(Linear(self.cfg, 4 * C, name="layers_0")(x))  # (B, T, 4C)
+        return Linear(self.cfg, C, name="layers_2")(h)  # (B, T, C)
+
+
+def _attention_with_dropout(
+    queries: Array, keys: Array, values: Array, mask: Array, dropout: nn.Dropout, deterministic: bool
+) -> Array:
+    """The book's attention, step by step, with dropout on the attention weights.
+
+    queries (B, T, n_heads, head_dim), keys and values (B, S, n_heads, head_dim) -> (B, T, n_heads, head_dim).
+    """
+    head_dim = queries.shape[-1]
+    attn_scores = jnp.einsum("bthd,bshd->bhts", queries, keys)  # (B, n_heads, T, S)
+    attn_scores = jnp.where(mask, attn_scores / math.sqrt(head_dim), -jnp.inf)
+    attn_weights = jax.nn.softmax(attn_scores, axis=-1)
+    attn_weights = dropout(attn_weights, deterministic=deterministic)
+    return jnp.einsum("bhts,bshd->bthd", attn_weights, values)  # (B, T, n_heads, head_dim)
+
+
+def _fused_attention(queries: Array, keys: Array, values: Array, mask: Array | None, dtype: str) -> Array:
+    """The same attention without dropout, as one ``jax.nn.dot_product_attention`` call.
+
+    XLA's implementation on CPU; cuDNN's flash attention on a GPU in bfloat16 (never holds the
+    (T, S) weights). ``mask=None`` means plain causal attention over the call's own tokens.
+    """
+    scale = 1.0 / math.sqrt(queries.shape[-1])
+    causal = mask is None
+    if dtype == "bfloat16" and jax.default_backend() == "gpu":
+        q, k, v = (t.astype(jnp.bfloat16) for t in (queries, keys, values))
+        try:
+            out = jax.nn.dot_product_attention(
+                q, k, v, mask=mask, scale=scale, is_causal=causal, implementation="cudnn"
+            )
+            return out.astype(jnp.float32)
+        except Exception:  # this GPU/cuDNN/shape has no fused kernel: XLA's version below
+            pass
+    return jax.nn.dot_product_attention(queries, keys, values, mask=mask, scale=scale, is_causal=causal)
 
 
 class MultiHeadAttention(nn.Module):
@@ -88,9 +195,9 @@ class MultiHeadAttention(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x: Array, mask: Array, kv: KVCache | None = None, index: Array | None = None
+        self, x: Array, mask: Array | None, kv: KVCache | None = None, index: Array | None = None
     ) -> tuple[Array, KVCache | None]:
-        """x (B, T, C); mask (B or 1, 1, T, S) True where a query may attend a key.
+        """x (B, T, C); mask (B or 1, 1, T, S) True where a query may attend a key (None: causal, S = T).
 
         With a cache, ``kv`` holds this layer's keys and values, each (B, S, n_heads, head_dim);
         this call's keys and values are written at slot ``index`` and the updated cache returned.
@@ -99,24 +206,31 @@ class MultiHeadAttention(nn.Module):
         B, T, C = x.shape
         n_heads, head_dim = cfg.n_heads, cfg.head_dim
 
-        queries = _dense(cfg, C, "W_query", cfg.qkv_bias)(x).reshape(B, T, n_heads, head_dim)
-        keys = _dense(cfg, C, "W_key", cfg.qkv_bias)(x).reshape(B, T, n_heads, head_dim)
-        values = _dense(cfg, C, "W_value", cfg.qkv_bias)(x).reshape(B, T, n_heads, head_dim)
+        # W_query, W_key and W_value keep their own params (the book's and Hugging Face's layout)
+        # but are applied as one (C, 3C) matmul, which keeps the matmul units busier.
+        projections = [LinearParams(C, C, cfg.qkv_bias, name=n)() for n in ("W_query", "W_key", "W_value")]
+        qkv = matmul(x, jnp.concatenate([w for w, _ in projections], axis=1), cfg.dtype)  # (B, T, 3C)
+        if cfg.qkv_bias:
+            qkv = qkv + jnp.concatenate([b for _, b in projections]).reshape(1, 1, 3 * C)
+        queries, keys, values = (t.reshape(B, T, n_heads, head_dim) for t in jnp.split(qkv, 3, axis=-1))
 
         if kv is not None:  # decode: append to the fixed-size cache, attend over all its slots
             keys = jax.lax.dynamic_update_slice_in_dim(kv["k"], keys.astype(kv["k"].dtype), index, axis=1)
             values = jax.lax.dynamic_update_slice_in_dim(kv["v"], values.astype(kv["v"].dtype), index, axis=1)
             kv = {"k": keys, "v": values}  # each (B, S, n_heads, head_dim)
+            keys, values = keys.astype(jnp.float32), values.astype(jnp.float32)
 
-        attn_scores = jnp.einsum("bthd,bshd->bhts", queries, keys.astype(queries.dtype))  # (B, n_heads, T, S)
-        attn_scores = attn_scores.astype(jnp.float32) / math.sqrt(head_dim)
-        attn_scores = jnp.where(mask, attn_scores, -jnp.inf)
-        attn_weights = jax.nn.softmax(attn_scores, axis=-1)
-        attn_weights = nn.Dropout(cfg.drop_rate, name="dropout")(attn_weights, deterministic=self.deterministic)
-
-        context_vec = jnp.einsum("bhts,bshd->bthd", attn_weights.astype(values.dtype), values)  # (B, T, n_heads, head_dim)
+        dropout = nn.Dropout(cfg.drop_rate, name="dropout")
+        if cfg.drop_rate > 0 and not self.deterministic:
+            # jax.nn.dot_product_attention has no dropout, so training with dropout keeps the
+            # book's explicit attention weights and drops them exactly as the book does.
+            if mask is None:
+                mask = jnp.tril(jnp.ones((T, T), dtype=bool))[None, None]  # (1, 1, T, T)
+            context_vec = _attention_with_dropout(queries, keys, values, mask, dropout, self.deterministic)
+        else:
+            context_vec = _fused_attention(queries, keys, values, mask, cfg.dtype)  # (B, T, n_heads, hd)
         context_vec = context_vec.reshape(B, T, C)  # concatenate the heads
-        return _dense(cfg, C, "out_proj")(context_vec), kv
+        return Linear(cfg, C, name="out_proj")(context_vec), kv
 
 
 class TransformerBlock(nn.Module):
@@ -163,13 +277,15 @@ class GPTModel(nn.Module):
 
     @nn.compact
     def __call__(
-        self, idx: Array, *, deterministic: bool = True, cache: KVCache | None = None
+        self, idx: Array, *, deterministic: bool = True, cache: KVCache | None = None, head: bool = True
     ) -> Array | tuple[Array, KVCache]:
         """Token ids (B, T) -> logits (B, T, V).
 
         ``deterministic=False`` turns dropout on and needs a ``"dropout"`` rng. With ``cache`` (see
         :func:`init_cache`) the call continues a sequence: its tokens take the slots
-        ``cache["index"] ...`` and ``(logits, new_cache)`` is returned.
+        ``cache["index"] ...`` and ``(logits, new_cache)`` is returned. ``head=False`` stops
+        after the final norm and returns the hidden states (B, T, C) instead of logits, for a
+        loss that applies the head itself a few rows at a time (see ``jaxgpt.loss``).
         """
         cfg = self.cfg
         B, T = idx.shape
@@ -181,7 +297,7 @@ class GPTModel(nn.Module):
 
         if cache is None:
             positions = jnp.arange(T)[None, :]  # (1, T)
-            mask = jnp.tril(jnp.ones((T, T), dtype=bool))[None, None]  # (1, 1, T, T)
+            mask = None  # plain causal attention (built where it is needed)
             index, kv = None, None
         else:
             index, start = cache["index"], cache["start"]  # scalar slot, (B,) first real slot per row
@@ -199,7 +315,6 @@ class GPTModel(nn.Module):
         pos_emb = nn.Embed(cfg.context_length, cfg.emb_dim, embedding_init=_init_normal, name="pos_emb")
         x = tok_emb(idx) + pos_emb(positions)  # (B, T, C)
         x = nn.Dropout(cfg.drop_rate, name="drop_emb")(x, deterministic=deterministic)
-        x = x.astype(jnp.dtype(cfg.dtype))
 
         block = TransformerBlock
         if cfg.remat != "none":
@@ -215,12 +330,16 @@ class GPTModel(nn.Module):
         x, kv = trf_blocks(x, kv, mask, index)
 
         x = LayerNorm(cfg.emb_dim, name="final_norm")(x)
-        if cfg.tie_embeddings:
-            logits = tok_emb.attend(x.astype(jnp.float32))  # (B, T, V): x @ tok_emb.T
+        if not head and cache is None:
+            return x  # (B, T, C)
+        if cfg.tie_embeddings:  # GPT-2: the head is the token embedding, transposed
+            embedding = tok_emb.embedding  # (V, C)
+            if cfg.dtype == "float32":
+                logits = x @ embedding.T  # (B, T, V)
+            else:  # cast before the transpose copy: half the bytes to move
+                logits = matmul(x, _transposed(embedding.astype(jnp.bfloat16)), cfg.dtype)  # (B, T, V)
         else:
-            logits = nn.Dense(
-                cfg.vocab_size, use_bias=False, kernel_init=_init_normal, name="out_head"
-            )(x.astype(jnp.float32))  # (B, T, V)
+            logits = Linear(cfg, cfg.vocab_size, use_bias=False, name="out_head")(x)  # (B, T, V)
 
         if cache is None:
             return logits

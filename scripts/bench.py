@@ -1,0 +1,541 @@
+"""Benchmarks: jaxgpt training (and generation) side by side with the PyTorch code a reader would run.
+
+    python scripts/bench.py train                 # gpt2-small, context 256, batch 8, fp32, AdamW
+    python scripts/bench.py train --dtype bfloat16 --json
+    python scripts/bench.py generate ...          # greedy decode (scripts/bench_generate.py)
+
+``train`` times the library's real train step (compile separately, then the median step after a
+warm-up), measures this machine's own matmul rate in the same run, and reports the fraction of it
+that training reaches (model FLOPs per token = 6 N + 12 L C T: N parameters without the position
+table, L layers, C width, T context; the PaLM / nanoGPT count, full attention matrix). When the
+``reference`` extra is installed it then runs, in child processes of this run with the same
+thread count, the training loop of Hugging Face ``GPT2LMHeadModel`` and of the book's
+``llms_from_scratch.ch04.GPTModel`` on the same shapes with AdamW:
+
+  * as a reader runs them (the default allocator),
+  * under the allocator settings jaxgpt's launcher uses (the fair comparison),
+  * with bf16 autocast (when ``--dtype bfloat16``).
+
+Children, because the allocator environment must be set before a process starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run from a checkout without installing
+    sys.path.insert(0, str(ROOT))
+
+from jaxgpt.launch import allocator_env, relaunch_with_fast_allocator  # noqa: E402
+
+# Dense peak of one accelerator chip, bf16, FLOP/s (for MFU). Matched against the device kind.
+GPU_BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _usage() -> tuple[float, float, int]:
+    """(user CPU s, system CPU s, minor page faults) of this process so far.
+
+    CPU seconds per step barely move when other processes share the cores, unlike wall time, so
+    the bench reports them too; page faults show what the allocator costs.
+    """
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime, ru.ru_stime, ru.ru_minflt
+
+
+def model_flops_per_token(n_params: int, n_layers: int, emb_dim: int, context_length: int) -> float:
+    """Training FLOPs per token: 6 N for the matmuls forward and backward, plus attention 12 L C T."""
+    return 6 * n_params + 12 * n_layers * emb_dim * context_length
+
+
+# --------------------------------------------------------------------------- jaxgpt
+
+
+def _matmul_flops_per_s(dtype: str, n: int = 2048, repeats: int = 6) -> float:
+    """Best rate of an (n, n) @ (n, n) matmul on the default device, in FLOP/s.
+
+    bf16 inputs accumulate in float32 (``preferred_element_type``), as the model's matmuls do.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    in_dtype = jnp.dtype(dtype)
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(in_dtype)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32).astype(in_dtype)
+    dot = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
+    dot(a, b).block_until_ready()
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        dot(a, b).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def _library_train_step(cfg, args):
+    """(state, jitted step(state, batch, key) -> (state, metrics), source), the library's own when possible.
+
+    Uses ``jaxgpt.train`` (``create_train_state`` / ``jit_train_step``); a bench-local step built
+    from ``loss.py`` and optax stands in only where that module is missing or has another API.
+    """
+    import jax
+    import optax
+
+    try:
+        from jaxgpt import train as train_lib
+
+        tcfg = train_lib.TrainConfig(learning_rate=args.lr, weight_decay=0.1, batch_size=args.batch_size)
+        state, tx = train_lib.create_train_state(cfg, tcfg, jax.random.key(0), total_steps=1000)
+        return state, train_lib.jit_train_step(cfg, tx), "jaxgpt.train.train_step"
+    except (ImportError, AttributeError, TypeError) as err:
+        reason = f"{type(err).__name__}: {err}"
+
+    from jaxgpt.loss import cross_entropy
+    from jaxgpt.model import GPTModel, init_params
+
+    tx = optax.adamw(args.lr, weight_decay=0.1)
+
+    def loss_fn(params, x, y, key):
+        logits = GPTModel(cfg).apply({"params": params}, x, deterministic=False, rngs={"dropout": key})
+        return cross_entropy(logits, y)
+
+    def train_step(state, batch, key):
+        params, opt_state = state
+        loss, grads = jax.value_and_grad(loss_fn)(params, *batch, key)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return (optax.apply_updates(params, updates), opt_state), {"loss": loss}
+
+    params = init_params(cfg, jax.random.key(0))
+    step = jax.jit(train_step, donate_argnums=0)
+    return (params, tx.init(params)), step, f"bench fallback, loss.py + optax.adamw ({reason})"
+
+
+def bench_jaxgpt_train(args) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxgpt.config import get_config
+    from jaxgpt.model import count_params
+
+    cfg = get_config(
+        args.preset,
+        context_length=args.context_length,
+        dtype=args.dtype,
+        remat=args.remat,
+        drop_rate=args.drop_rate,
+    )
+    B, T = args.batch_size, cfg.context_length
+    rng = np.random.default_rng(0)
+    batches = [
+        (
+            jnp.asarray(rng.integers(0, cfg.vocab_size, (B, T)), jnp.int32),
+            jnp.asarray(rng.integers(0, cfg.vocab_size, (B, T)), jnp.int32),
+        )
+        for _ in range(2)
+    ]
+    key = jax.random.key(1)
+
+    state, step_fn, source = _library_train_step(cfg, args)
+    n_params = count_params(state[0] if isinstance(state, tuple) else state.params)
+
+    u0 = _usage()
+    t0 = time.perf_counter()
+    compiled = step_fn.lower(state, batches[0], key).compile()
+    compile_s = time.perf_counter() - t0
+    compile_cpu_s = sum(_usage()[:2]) - sum(u0[:2])
+
+    def run(state, i):
+        state, out = compiled(state, batches[i % 2], jax.random.fold_in(key, i))
+        jax.block_until_ready(out)
+        return state, out
+
+    for i in range(args.warmup):
+        state, _ = run(state, i)
+    times = []
+    u0 = _usage()
+    for i in range(args.steps):
+        t0 = time.perf_counter()
+        state, out = run(state, args.warmup + i)
+        times.append(time.perf_counter() - t0)
+    u1 = _usage()
+    loss = out["loss"] if isinstance(out, dict) else out
+    step_s = statistics.median(times)
+    peak_rss_mb = _peak_rss_mb()
+
+    n_flop_params = n_params - cfg.context_length * cfg.emb_dim  # without the position table
+    flops_tok = model_flops_per_token(n_flop_params, cfg.n_layers, cfg.emb_dim, T)
+    tokens_per_s = B * T / step_s
+    achieved = flops_tok * tokens_per_s
+    device = jax.devices()[0]
+    result = {
+        "preset": args.preset,
+        "context_length": T,
+        "batch_size": B,
+        "dtype": cfg.dtype,
+        "remat": cfg.remat,
+        "drop_rate": cfg.drop_rate,
+        "step_source": source,
+        "device": f"{device.platform}:{device.device_kind}",
+        "n_params": n_params,
+        "model_flops_per_token": flops_tok,
+        "tokens_per_s": tokens_per_s,
+        "step_ms": 1000 * step_s,
+        "step_ms_all": [round(1000 * t, 1) for t in times],
+        "compile_s": compile_s,
+        "compile_cpu_s": compile_cpu_s,
+        "cpu_user_s_per_step": (u1[0] - u0[0]) / args.steps,
+        "cpu_sys_s_per_step": (u1[1] - u0[1]) / args.steps,
+        "page_faults_per_step": (u1[2] - u0[2]) / args.steps,
+        "peak_rss_mb": peak_rss_mb,
+        "final_loss": float(loss),
+        "achieved_gflops": achieved / 1e9,
+    }
+    if device.platform == "cpu":
+        peak = _matmul_flops_per_s("float32")
+        result["matmul_gflops"] = peak / 1e9
+        result["fraction_of_matmul_peak"] = achieved / peak
+        if cfg.dtype == "bfloat16":
+            peak16 = _matmul_flops_per_s("bfloat16")
+            result["matmul_gflops_bf16"] = peak16 / 1e9
+            result["fraction_of_bf16_matmul_peak"] = achieved / peak16
+    else:
+        stats = device.memory_stats() or {}
+        if "peak_bytes_in_use" in stats:
+            result["peak_device_mb"] = stats["peak_bytes_in_use"] / 2**20
+        peak = _matmul_flops_per_s(cfg.dtype, n=8192, repeats=10)
+        result["matmul_gflops"] = peak / 1e9
+        result["fraction_of_matmul_peak"] = achieved / peak
+        chip_peak = next((v for k, v in GPU_BF16_PEAK.items() if k in device.device_kind), None)
+        if chip_peak is not None:
+            result["chip_bf16_peak_tflops"] = chip_peak / 1e12
+            result["mfu"] = achieved / chip_peak
+    return result
+
+
+# --------------------------------------------------------------------------- PyTorch references
+
+
+def torch_reference(
+    impl: str,
+    preset_dims: dict,
+    batch_size: int,
+    context_length: int,
+    steps: int,
+    warmup: int,
+    drop_rate: float,
+    autocast_bf16: bool,
+    threads: int,
+    lr: float,
+) -> dict:
+    """One training loop of a PyTorch GPT-2 (runs in a child process; returns its figures)."""
+    import torch
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    torch.set_num_threads(threads)
+    C, L, H, V = (
+        preset_dims["emb_dim"],
+        preset_dims["n_layers"],
+        preset_dims["n_heads"],
+        preset_dims["vocab_size"],
+    )
+    if impl == "hf":
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        hf_cfg = GPT2Config(
+            vocab_size=V,
+            n_positions=context_length,
+            n_embd=C,
+            n_layer=L,
+            n_head=H,
+            resid_pdrop=drop_rate,
+            embd_pdrop=drop_rate,
+            attn_pdrop=drop_rate,
+        )
+        model = GPT2LMHeadModel(hf_cfg)
+
+        def forward(x):
+            return model(input_ids=x).logits
+    elif impl == "book":
+        from llms_from_scratch.ch04 import GPTModel
+
+        model = GPTModel(
+            {
+                "vocab_size": V,
+                "context_length": context_length,
+                "emb_dim": C,
+                "n_heads": H,
+                "n_layers": L,
+                "drop_rate": drop_rate,
+                "qkv_bias": False,
+            }
+        )
+        forward = model
+    else:
+        raise ValueError(f"unknown reference {impl!r}; expected 'hf' or 'book'")
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, V, (batch_size, context_length), generator=g)
+    y = torch.randint(0, V, (batch_size, context_length), generator=g)
+
+    def step():  # the book's train_model_simple inner loop
+        optimizer.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast_bf16):
+            logits = forward(x)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+        loss.backward()
+        optimizer.step()
+        return loss.item()
+
+    for _ in range(warmup):
+        step()
+    times = []
+    u0 = _usage()
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        loss = step()
+        times.append(time.perf_counter() - t0)
+    u1 = _usage()
+    step_s = statistics.median(times)
+    return {
+        "cpu_user_s_per_step": (u1[0] - u0[0]) / steps,
+        "cpu_sys_s_per_step": (u1[1] - u0[1]) / steps,
+        "page_faults_per_step": (u1[2] - u0[2]) / steps,
+        "tokens_per_s": batch_size * context_length / step_s,
+        "step_ms": 1000 * step_s,
+        "step_ms_all": [round(1000 * t, 1) for t in times],
+        "peak_rss_mb": _peak_rss_mb(),
+        "final_loss": loss,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def _run_reference(name: str, impl: str, env: dict[str, str], args, autocast_bf16: bool) -> dict:
+    from jaxgpt.config import get_config
+
+    cfg = get_config(args.preset)
+    spec = {
+        "impl": impl,
+        "preset_dims": {k: getattr(cfg, k) for k in ("emb_dim", "n_layers", "n_heads", "vocab_size")},
+        "batch_size": args.batch_size,
+        "context_length": args.context_length,
+        "steps": args.ref_steps,
+        "warmup": 1,
+        "drop_rate": args.drop_rate,
+        "autocast_bf16": autocast_bf16,
+        "threads": args.threads,
+        "lr": args.lr,
+    }
+    cmd = [sys.executable, str(Path(__file__).resolve()), "_torch_reference", json.dumps(spec)]
+    child_env = dict(env)
+    child_env["JAXGPT_NO_RELAUNCH"] = "1"  # the child runs with exactly this environment
+    proc = subprocess.run(cmd, env=child_env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        return {"name": name, "error": " | ".join(tail) or f"exit {proc.returncode}"}
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out["name"] = name
+    return out
+
+
+def _references_available() -> tuple[bool, bool]:
+    import importlib.util
+
+    has_torch = importlib.util.find_spec("torch") is not None
+    hf = has_torch and importlib.util.find_spec("transformers") is not None
+    book = has_torch and importlib.util.find_spec("llms_from_scratch") is not None
+    return hf, book
+
+
+def _plain_env() -> dict[str, str]:
+    """The environment a reader's PyTorch runs in: this one without what the launcher added."""
+    env = dict(os.environ)
+    for name in env.pop("JAXGPT_LAUNCHER_SET", "").split(","):
+        if name:
+            env.pop(name, None)
+    return env
+
+
+def cmd_train(args) -> int:
+    if args.threads is None:
+        args.threads = os.cpu_count() or 1
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    res = bench_jaxgpt_train(args)
+    res["load_avg_1m_before"] = load
+    res["allocator_env"] = {
+        k: os.environ[k] for k in os.environ.get("JAXGPT_LAUNCHER_SET", "").split(",") if k
+    }
+    if not args.json:
+        _print_jaxgpt(res)
+
+    refs = []
+    hf_ok, book_ok = _references_available()
+    wanted = [] if args.references == "none" else args.references.split(",")
+    plan = []
+    for impl, ok in (("hf", hf_ok), ("book", book_ok)):
+        if impl not in wanted:
+            continue
+        if not ok:
+            refs.append({"name": impl, "error": "not installed (pip install -e '.[reference]')"})
+            continue
+        plan.append((impl, impl, _plain_env(), False))
+    if plan and res["device"].startswith("cpu"):
+        fast = allocator_env(_plain_env())
+        if fast != _plain_env():
+            first = plan[0][1]
+            plan.append((f"{first}+allocator", first, fast, False))
+        if args.dtype == "bfloat16":
+            first = plan[0][1]
+            plan.append((f"{first}+autocast_bf16", first, _plain_env(), True))
+    elif plan:  # on an accelerator the CPU references say nothing useful
+        plan = []
+    for name, impl, env, autocast in plan:
+        if not args.json:
+            print(f"running reference {name} ...", flush=True)
+        ref = _run_reference(name, impl, env, args, autocast)
+        if "tokens_per_s" in ref:
+            ref["ratio"] = res["tokens_per_s"] / ref["tokens_per_s"]
+        refs.append(ref)
+        if not args.json:
+            _print_ref(ref)
+    res["references"] = {r.pop("name"): r for r in refs}
+    res["load_avg_1m_after"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    if args.json:
+        print(json.dumps(res, indent=None, sort_keys=False))
+    return 0
+
+
+def _print_jaxgpt(r: dict) -> None:
+    print(
+        f"jaxgpt {r['preset']} T={r['context_length']} B={r['batch_size']} dtype={r['dtype']} "
+        f"remat={r['remat']} dropout={r['drop_rate']} on {r['device']} ({r['step_source']})"
+    )
+    print(f"  compile_s          {r['compile_s']:.2f}")
+    print(f"  step_ms (median)   {r['step_ms']:.0f}   all: {r['step_ms_all']}")
+    print(f"  tokens_per_s       {r['tokens_per_s']:.1f}")
+    print(
+        f"  CPU s per step     user {r['cpu_user_s_per_step']:.1f}  sys {r['cpu_sys_s_per_step']:.1f}  "
+        f"page faults {r['page_faults_per_step']:.0f}  (compile CPU {r['compile_cpu_s']:.1f} s)"
+    )
+    print(f"  peak_rss_mb        {r['peak_rss_mb']:.0f}")
+    print(
+        f"  model FLOPs/token  {r['model_flops_per_token'] / 1e9:.3f} GFLOP (6N + 12 L C T, N={r['n_params']:,})"
+    )
+    print(f"  achieved           {r['achieved_gflops']:.1f} GFLOP/s")
+    if "matmul_gflops" in r:
+        print(f"  matmul_gflops      {r['matmul_gflops']:.1f} (fp32 2048^3 jnp.dot, this run)")
+        print(f"  fraction_of_matmul_peak {r['fraction_of_matmul_peak']:.2f}")
+    if "matmul_gflops_bf16" in r:
+        print(
+            f"  matmul_gflops_bf16 {r['matmul_gflops_bf16']:.1f}  fraction {r['fraction_of_bf16_matmul_peak']:.2f}"
+        )
+    if "mfu" in r:
+        print(f"  mfu                {r['mfu']:.3f} of {r['chip_bf16_peak_tflops']:.0f} TFLOP/s bf16 peak")
+    print(f"  allocator env      {r.get('allocator_env') or 'default'}")
+
+
+def _print_ref(r: dict) -> None:
+    if "error" in r:
+        print(f"  reference {r['name']}: skipped ({r['error']})")
+    else:
+        print(
+            f"  reference {r['name']:<22} {r['tokens_per_s']:7.1f} tok/s  step {r['step_ms']:.0f} ms  "
+            f"rss {r['peak_rss_mb']:.0f} MB  CPU s/step {r['cpu_user_s_per_step'] + r['cpu_sys_s_per_step']:.1f} "
+            f"(sys {r['cpu_sys_s_per_step']:.1f})   jaxgpt ratio {r['ratio']:.2f}x"
+        )
+
+
+def cmd_generate(argv: list[str]) -> int:
+    try:
+        sys.path.insert(0, str(ROOT / "scripts"))
+        import bench_generate  # written with the KV-cache generation work (issue 5)
+    except ImportError:
+        print(
+            "bench.py generate: scripts/bench_generate.py is not there yet (it comes with the "
+            "KV-cache generation work); nothing to run.",
+            file=sys.stderr,
+        )
+        return 2
+    return bench_generate.main(argv) or 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bench.py", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser(
+        "train",
+        help="training throughput vs PyTorch references",
+        description="Training throughput of jaxgpt's train step, with PyTorch references.",
+    )
+    t.add_argument("--preset", default="gpt2-small", help="model preset (default gpt2-small)")
+    t.add_argument("--context-length", type=int, default=256, help="tokens per row (default 256, the book's)")
+    t.add_argument("--batch-size", type=int, default=8, help="rows per step (default 8)")
+    t.add_argument(
+        "--steps", type=int, default=4, help="timed steps after warm-up; the median is reported (default 4)"
+    )
+    t.add_argument("--warmup", type=int, default=1, help="untimed steps after compiling (default 1)")
+    t.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="compute dtype of the matmuls; params and AdamW state stay float32 (default float32)",
+    )
+    t.add_argument(
+        "--remat",
+        default="none",
+        choices=["none", "full", "dots"],
+        help="rematerialise each block in the backward pass (default none)",
+    )
+    t.add_argument("--drop-rate", type=float, default=0.1, help="dropout rate (default 0.1, the book's)")
+    t.add_argument(
+        "--lr", type=float, default=4e-4, help="AdamW learning rate (default 4e-4; weight decay 0.1)"
+    )
+    t.add_argument(
+        "--references",
+        default="hf,book",
+        help="comma list of PyTorch references to run: hf, book, or 'none' (default hf,book)",
+    )
+    t.add_argument("--ref-steps", type=int, default=3, help="timed steps of each reference (default 3)")
+    t.add_argument(
+        "--threads", type=int, default=None, help="PyTorch threads (default: all cores, as JAX uses)"
+    )
+    t.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    sub.add_parser(
+        "generate", help="greedy decode throughput (see scripts/bench_generate.py --help)", add_help=False
+    )
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["_torch_reference"]:  # internal: one reference loop in a child process
+        spec = json.loads(argv[1])
+        print(json.dumps(torch_reference(**spec)))
+        return 0
+    relaunch_with_fast_allocator()  # no-op once applied, or with JAXGPT_NO_RELAUNCH=1
+    if argv[:1] == ["generate"]:
+        return cmd_generate(argv[1:])
+    args = build_parser().parse_args(argv)
+    for name in ("batch_size", "context_length", "steps"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"bench.py train: --{name.replace('_', '-')} must be a positive integer")
+    return cmd_train(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

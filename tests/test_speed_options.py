@@ -1,0 +1,271 @@
+"""The speed options compute the same model: bf16 matmuls, fused QKV, fused attention, chunked loss.
+
+Each test compares against an independent computation (NumPy, the book's step-by-step attention,
+the plain logits loss, a float32 run), never against the code path it checks.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxgpt.config import GPTConfig
+from jaxgpt.launch import OPT_OUT, allocator_env, relaunch_with_fast_allocator
+from jaxgpt.loss import cross_entropy, linear_cross_entropy, train_loss
+from jaxgpt.model import (
+    GPTModel,
+    MultiHeadAttention,
+    _attention_with_dropout,
+    _bf16_matmul,
+    _fused_attention,
+    _transposed,
+    init_params,
+)
+
+TINY = GPTConfig(
+    vocab_size=97, context_length=16, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.0, qkv_bias=True
+)
+
+
+def _bf16_round(a):
+    return np.asarray(jnp.asarray(a, jnp.float32).astype(jnp.bfloat16).astype(jnp.float32))
+
+
+# --- bfloat16 matmuls ---
+
+
+def test_transposed_copy_is_the_transpose():
+    a = np.arange(12, dtype=np.float32).reshape(3, 4)
+    np.testing.assert_array_equal(np.asarray(_transposed(jnp.asarray(a))), a.T)
+
+
+def test_bf16_matmul_and_its_gradients_are_bf16_products_summed_in_f32():
+    rng = np.random.default_rng(0)
+    x, w, g = (rng.normal(size=s).astype(np.float32) for s in ((5, 8), (8, 3), (5, 3)))
+    xb, wb, gb = _bf16_round(x), _bf16_round(w), _bf16_round(g)
+    out, vjp = jax.vjp(_bf16_matmul, jnp.asarray(x), jnp.asarray(w))
+    dx, dw = vjp(jnp.asarray(g))
+    assert out.dtype == dx.dtype == dw.dtype == jnp.float32
+    np.testing.assert_allclose(out, xb @ wb, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dx, gb @ wb.T, rtol=1e-5, atol=1e-5)  # backward in bf16 too
+    np.testing.assert_allclose(dw, xb.T @ gb, rtol=1e-5, atol=1e-5)
+    assert np.abs(np.asarray(out) - x @ w).max() > 1e-4  # it really rounded the inputs
+
+
+def test_bf16_keeps_float32_params_and_gradients():
+    cfg = TINY.replace(dtype="bfloat16")
+    params = init_params(cfg, jax.random.key(0))
+    idx = jnp.asarray(np.arange(12).reshape(2, 6) % cfg.vocab_size)
+    grads = jax.grad(lambda p: cross_entropy(GPTModel(cfg).apply({"params": p}, idx), idx))(params)
+    for leaf in jax.tree_util.tree_leaves(params) + jax.tree_util.tree_leaves(grads):
+        assert leaf.dtype == jnp.float32
+    logits = GPTModel(cfg).apply({"params": params}, idx)
+    fp32 = GPTModel(TINY).apply({"params": params}, idx)
+    assert logits.dtype == jnp.float32
+    np.testing.assert_allclose(logits, fp32, atol=2e-2)  # bf16 has 8 bits of mantissa
+
+
+BF16_LOSS_TOL = 0.05  # max |loss_bf16 - loss_fp32| over a short run, nats (stated in the README)
+
+
+def test_bf16_training_loss_tracks_float32():
+    cfg = GPTConfig(vocab_size=64, context_length=16, emb_dim=64, n_heads=4, n_layers=2, drop_rate=0.0)
+    rng = np.random.default_rng(0)
+    data = rng.integers(0, 16, (4, 17))  # a learnable pattern: tokens from a small sub-vocabulary
+    data[:, 1::2] = (data[:, 0:-1:2] + 1) % 16
+    x, y = jnp.asarray(data[:, :-1]), jnp.asarray(data[:, 1:])
+    tx = optax.adamw(3e-3, weight_decay=0.1)
+
+    def run(c):
+        params = init_params(cfg, jax.random.key(1))
+        opt_state = tx.init(params)
+
+        @jax.jit
+        def step(params, opt_state):
+            loss, grads = jax.value_and_grad(lambda p: cross_entropy(GPTModel(c).apply({"params": p}, x), y))(
+                params
+            )
+            updates, opt_state = tx.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state, loss
+
+        losses = []
+        for _ in range(25):
+            params, opt_state, loss = step(params, opt_state)
+            losses.append(float(loss))
+        return np.array(losses), params
+
+    fp32, _ = run(cfg)
+    bf16, params = run(cfg.replace(dtype="bfloat16"))
+    assert fp32[-1] < fp32[0] - 1.0  # the run learns something
+    assert np.abs(bf16 - fp32).max() < BF16_LOSS_TOL, np.abs(bf16 - fp32)
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree_util.tree_leaves(params))
+
+
+# --- attention: fused QKV and the fused attention call ---
+
+
+def test_attention_layer_matches_a_numpy_reference():
+    """Separate W_query/W_key/W_value as in the book, in NumPy, vs the fused (C, 3C) projection."""
+    B, T, C, H = 2, 5, TINY.emb_dim, TINY.n_heads
+    x = jax.random.normal(jax.random.key(3), (B, T, C))
+    att = MultiHeadAttention(TINY)
+    p = att.init(jax.random.key(0), x, None)["params"]
+    out, _ = att.apply({"params": p}, x, None)
+
+    xn = np.asarray(x, np.float64)
+
+    def proj(name):
+        return xn @ np.asarray(p[name]["kernel"]) + np.asarray(p[name]["bias"])
+
+    q, k, v = (
+        proj(n).reshape(B, T, H, C // H).transpose(0, 2, 1, 3) for n in ("W_query", "W_key", "W_value")
+    )
+    scores = q @ k.transpose(0, 1, 3, 2) / math.sqrt(C // H)
+    scores = np.where(np.tril(np.ones((T, T), bool)), scores, -np.inf)
+    weights = np.exp(scores - scores.max(-1, keepdims=True))
+    weights /= weights.sum(-1, keepdims=True)
+    context = (weights @ v).transpose(0, 2, 1, 3).reshape(B, T, C)
+    expected = context @ np.asarray(p["out_proj"]["kernel"]) + np.asarray(p["out_proj"]["bias"])
+    np.testing.assert_allclose(out, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_fused_attention_equals_the_step_by_step_attention(padded):
+    B, T, S, H, D = 2, 4, 6, 3, 8
+    q = jax.random.normal(jax.random.key(0), (B, T, H, D))
+    k = jax.random.normal(jax.random.key(1), (B, S, H, D))
+    v = jax.random.normal(jax.random.key(2), (B, S, H, D))
+    q_slot = 2 + jnp.arange(T)  # queries at slots 2..5 of a 6-slot cache
+    mask = jnp.arange(S)[None, None, :] <= q_slot[None, :, None]  # (1, T, S)
+    if padded:  # row 1 starts with one padding slot
+        mask = mask & (jnp.arange(S)[None, None, :] >= jnp.array([0, 1])[:, None, None])
+    mask = mask[:, None]  # (B or 1, 1, T, S)
+    hand = _attention_with_dropout(q, k, v, mask, lambda w, deterministic: w, True)
+    np.testing.assert_allclose(_fused_attention(q, k, v, mask, "float32"), hand, atol=1e-5)
+
+
+def test_fused_causal_attention_without_a_mask():
+    q, k, v = (jax.random.normal(jax.random.key(i), (2, 5, 2, 4)) for i in range(3))
+    causal = jnp.tril(jnp.ones((5, 5), bool))[None, None]
+    hand = _attention_with_dropout(q, k, v, causal, lambda w, deterministic: w, True)
+    np.testing.assert_allclose(_fused_attention(q, k, v, None, "float32"), hand, atol=1e-5)
+
+
+def test_attention_weight_dropout_still_applies_in_training():
+    """The fused path has no dropout, so training with dropout must take the book's path."""
+    cfg = TINY.replace(drop_rate=0.5)
+    x = jax.random.normal(jax.random.key(3), (1, 6, cfg.emb_dim))
+    att = MultiHeadAttention(cfg, deterministic=False)
+    p = att.init(jax.random.key(0), x, None)["params"]
+    train, _ = att.apply({"params": p}, x, None, rngs={"dropout": jax.random.key(1)})
+    evaluate, _ = MultiHeadAttention(cfg).apply({"params": p}, x, None)
+    assert np.abs(np.asarray(train - evaluate)).max() > 1e-3
+
+
+# --- the chunked training loss ---
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 4, 5, 1024])
+def test_linear_cross_entropy_equals_the_logits_loss_and_its_gradients(chunk_rows):
+    rng = np.random.default_rng(0)
+    h = jnp.asarray(rng.normal(size=(2, 7, 16)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(16, 50)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, 50, (2, 7)))
+
+    def plain(h, w):
+        return cross_entropy(jnp.einsum("btc,cv->btv", h, w), y)
+
+    def chunked(h, w):
+        return linear_cross_entropy(h, w, y, "float32", chunk_rows)
+
+    np.testing.assert_allclose(chunked(h, w), plain(h, w), rtol=1e-6)
+    for got, want in zip(
+        jax.jit(jax.grad(chunked, (0, 1)))(h, w), jax.grad(plain, (0, 1))(h, w), strict=True
+    ):
+        np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_train_loss_equals_the_logits_loss_with_dropout(tie):
+    cfg = TINY.replace(drop_rate=0.2, tie_embeddings=tie)
+    params = init_params(cfg, jax.random.key(0))
+    x = jnp.asarray(np.arange(14).reshape(2, 7) % cfg.vocab_size)
+    y = (x + 1) % cfg.vocab_size
+    key = jax.random.key(5)
+
+    def reference(p):
+        logits = GPTModel(cfg).apply({"params": p}, x, deterministic=False, rngs={"dropout": key})
+        return cross_entropy(logits, y)
+
+    value, grads = jax.value_and_grad(train_loss)(params, cfg, x, y, key)
+    ref_value, ref_grads = jax.value_and_grad(reference)(params)
+    np.testing.assert_allclose(value, ref_value, rtol=1e-6)
+    for got, want in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(ref_grads), strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+def test_linear_cross_entropy_checks_target_shape():
+    with pytest.raises(ValueError, match="targets must have shape"):
+        linear_cross_entropy(jnp.zeros((2, 3, 4)), jnp.zeros((4, 5)), jnp.zeros((2, 4), jnp.int32))
+
+
+# --- the allocator launcher ---
+
+
+def test_allocator_env_adds_tunables_and_keeps_the_users(monkeypatch):
+    import jaxgpt.launch as launch
+
+    monkeypatch.setattr(launch, "_uses_glibc", lambda: True)
+    env = allocator_env({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0", "PATH": "/bin"})
+    tunables = env["GLIBC_TUNABLES"].split(":")
+    assert "glibc.malloc.hugetlb=0" in tunables and "glibc.malloc.hugetlb=1" not in tunables  # user's wins
+    assert env["PATH"] == "/bin"
+    monkeypatch.setattr(launch, "_uses_glibc", lambda: False)
+    assert allocator_env({"PATH": "/bin"}) == {"PATH": "/bin"}  # other platforms: unchanged
+
+
+def test_relaunch_respects_the_opt_out_and_the_loop_guard(monkeypatch):
+    import os
+
+    calls = []
+    monkeypatch.setattr(os, "execve", lambda *a: calls.append(a))
+    monkeypatch.setenv(OPT_OUT, "1")
+    relaunch_with_fast_allocator()
+    monkeypatch.delenv(OPT_OUT)
+    monkeypatch.setenv("JAXGPT_LAUNCHER_SET", "GLIBC_TUNABLES")  # already relaunched once
+    relaunch_with_fast_allocator()
+    assert calls == []
+
+
+def test_a_script_relaunches_once_with_the_tunables(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import jaxgpt.launch as launch
+
+    script = tmp_path / "show_env.py"
+    script.write_text(
+        "import os, sys\n"
+        f"sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})\n"
+        "from jaxgpt.launch import relaunch_with_fast_allocator\n"
+        "print('start', flush=True)\n"
+        "relaunch_with_fast_allocator()\n"
+        "print('tunables', os.environ.get('GLIBC_TUNABLES', ''), sys.argv[1:])\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "JAXGPT_LAUNCHER_SET", OPT_OUT)}
+    out = subprocess.run(
+        [sys.executable, str(script), "--flag", "x y"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[-1].endswith("['--flag', 'x y']")  # arguments survive the re-execution
+    if launch._uses_glibc():
+        assert lines.count("start") == 2  # ran again exactly once
+        assert "glibc.malloc.hugetlb=1" in lines[-1]
+    else:
+        assert lines.count("start") == 1
