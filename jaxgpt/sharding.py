@@ -394,14 +394,31 @@ def shard_train_step(
 class MeshLoader:
     """Wraps a loader so that its batches come out as global arrays split over the mesh.
 
-    Each process's loader yields its own rows (``ShardLoader(process_index=...)``, or the whole
-    batch with one process); :func:`shard_batch` joins them into one global ``jax.Array``. Code
-    that calls ``jnp.asarray`` on a batch gets the global array back unchanged, so a train loop
-    and its evaluation run on the mesh without knowing it. ``len``/``order`` pass through.
+    The wrapped loader either yields whole global batches (``jaxgpt.data.DataLoader``: every
+    process then keeps only its rows) or already only this process's rows (a ``ShardLoader``
+    made with ``process_index``/``process_count``). :func:`shard_batch` joins the processes' rows
+    into one global ``jax.Array``; code that calls ``jnp.asarray`` on a batch gets it back
+    unchanged, so a train loop and its evaluation run on the mesh without knowing it.
+
+    The batch size must be a multiple of data x fsdp (checked here, before any step). A last
+    short batch of an evaluation loader (``drop_last=False``) that the mesh cannot split is
+    skipped. ``len``, ``order``, ``batch_size``... pass through to the wrapped loader.
     """
 
     def __init__(self, loader: Any, mesh: Mesh):
         self.loader, self.mesh = loader, mesh
+        self.multiple = global_batch_size_multiple(mesh)
+        self.rows_are_local = getattr(loader, "process_count", 1) > 1
+        if self.rows_are_local and loader.process_count != jax.process_count():
+            raise ValueError(
+                f"the loader splits batches over {loader.process_count} processes, "
+                f"but JAX runs {jax.process_count()}"
+            )
+        if loader.batch_size % self.multiple or loader.batch_size % jax.process_count():
+            raise ValueError(
+                f"batch size {loader.batch_size} cannot be split over the mesh {dict(mesh.shape)} and "
+                f"{jax.process_count()} process(es): choose a multiple of data x fsdp = {self.multiple}"
+            )
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -410,8 +427,15 @@ class MeshLoader:
         return getattr(self.loader, name)
 
     def iter_epoch(self, epoch: int = 0, start: int = 0) -> Any:
-        for batch in self.loader.iter_epoch(epoch, start):
-            yield shard_batch(batch, self.mesh)
+        n_proc, index = jax.process_count(), jax.process_index()
+        for x, y in self.loader.iter_epoch(epoch, start):
+            rows = len(x) * n_proc if self.rows_are_local else len(x)
+            if rows % self.multiple or rows % n_proc:
+                continue  # a last short batch the mesh cannot split
+            if not self.rows_are_local and n_proc > 1:
+                local = rows // n_proc
+                x, y = x[index * local : (index + 1) * local], y[index * local : (index + 1) * local]
+            yield shard_batch((x, y), self.mesh)
 
     def __iter__(self) -> Any:
         return self.iter_epoch(0)

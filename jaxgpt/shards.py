@@ -672,7 +672,8 @@ def shard_loaders(
     """Train and validation loaders over a prepared dataset, split by tokens at ``train_ratio``.
 
     The book splits the *text* 90/10 before tokenizing; a stream too large to hold is split by
-    token position instead (``int(train_ratio * n_tokens)``). Train is shuffled, validation not.
+    token position instead (``int(train_ratio * n_tokens)``). Train is shuffled and drops a last
+    short batch; validation keeps its order and, with one process, every window.
     """
     tokens = open_shards(directory, tokenizer=tokenizer, verify=verify)
     if not 0.0 < train_ratio < 1.0:
@@ -683,5 +684,5 @@ def shard_loaders(
     common = {"seed": seed, "process_index": process_index, "process_count": process_count}
     return (
         ShardLoader(train, batch_size, shuffle=True, drop_last=True, **common),
-        ShardLoader(val, batch_size, shuffle=False, drop_last=True, **common),
+        ShardLoader(val, batch_size, shuffle=False, drop_last=process_count > 1, **common),
     )
