@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxgpt import sharding
 from jaxgpt.checkpoint import CheckpointError, CheckpointManager
 from jaxgpt.config import GPTConfig
 from jaxgpt.data import DataLoader, sliding_windows, train_val_split
@@ -490,6 +491,7 @@ def train(
     val_loader: DataLoader,
     pos: Position | None = None,
     hooks: Hooks | None = None,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> tuple[TrainState, Position, list[dict[str, Any]]]:
     """The book's ``train_model_simple``: epochs of train steps, evaluations, a sample per epoch.
 
@@ -498,6 +500,9 @@ def train(
     the evaluation records ``{"step", "epoch" (fractional), "tokens_seen", "train_loss",
     "val_loss", "lr"}``.
     The caller's ``state`` is donated: use only the returned one.
+
+    With a ``mesh`` (``jaxgpt.sharding.make_mesh``) the same step runs sharded over its devices:
+    state by the sharding rules, batches split over data x fsdp (see ``jaxgpt/sharding.py``).
     """
     pos = dataclasses.replace(pos) if pos is not None else Position()
     hooks = hooks if hooks is not None else Hooks()
@@ -509,6 +514,14 @@ def train(
         )
     schedule = make_schedule(tcfg, total_steps)
     step_fn = jit_train_step(cfg, tx)
+    if mesh is not None:  # scale-out: the same train_step, jitted with the mesh's shardings
+        state = sharding.shard_state(state, mesh)
+        shardings = sharding.state_shardings(state, mesh)
+        step_fn = sharding.shard_train_step(
+            functools.partial(train_step, cfg=cfg, tx=tx), mesh, shardings, accumulate=tcfg.grad_accum > 1
+        )
+        train_loader = sharding.MeshLoader(train_loader, mesh)
+        val_loader = sharding.MeshLoader(val_loader, mesh)
     records: list[dict[str, Any]] = []
 
     step = int(state.step)
@@ -608,12 +621,14 @@ def save_checkpoint(
 
 
 def restore_checkpoint(
-    mngr: CheckpointManager, step: int | None = None
+    mngr: CheckpointManager, step: int | None = None, mesh: jax.sharding.Mesh | None = None
 ) -> tuple[TrainState, optax.GradientTransformation, GPTConfig, TrainConfig, Position, dict[str, Any]]:
     """The run saved in ``mngr`` at ``step`` (default latest) -> (state, tx, cfg, tcfg, pos, meta).
 
     The configs come from the checkpoint; the optimizer is rebuilt from them and the saved
     state restored into its structure, so training continues exactly where it stopped.
+    With a ``mesh``, every array is read straight into its shards on that mesh, whatever mesh
+    (or single device) saved it.
     """
     step, meta = mngr.read_meta(step)
     try:
@@ -628,6 +643,8 @@ def restore_checkpoint(
     template = jax.eval_shape(lambda: create_train_state(cfg, tcfg, jax.random.PRNGKey(0), total_steps)[0])
     tx = make_optimizer(tcfg, total_steps)
     like = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), template)  # structure and shapes only
+    if mesh is not None:  # shapes plus target shardings: orbax restores onto the mesh
+        like = sharding.abstract_state(template, sharding.state_shardings(template, mesh))
     opt_like = {"opt_state": like.opt_state, "step": like.step, "rng": like.rng}
     _, params, opt, _ = mngr.restore(step, params_like=like.params, state_like=opt_like)
     state = TrainState(params=params, opt_state=opt["opt_state"], step=opt["step"], rng=opt["rng"])

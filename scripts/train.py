@@ -30,12 +30,15 @@ if str(ROOT) not in sys.path:  # run from a checkout without installing
 import jax  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from jaxgpt import sharding  # noqa: E402
 from jaxgpt.checkpoint import CheckpointError, CheckpointManager  # noqa: E402
 from jaxgpt.config import PRESETS, get_config  # noqa: E402
 from jaxgpt.data import default_corpus  # noqa: E402
 from jaxgpt.model import count_params  # noqa: E402
 from jaxgpt.plot import plot_losses  # noqa: E402
+from jaxgpt.shards import is_shard_dir, shard_loaders  # noqa: E402
 from jaxgpt.train import (  # noqa: E402
+    Data,
     DataError,
     Hooks,
     NonFiniteLossError,
@@ -44,6 +47,7 @@ from jaxgpt.train import (  # noqa: E402
     create_train_state,
     default_train_config,
     load_corpus,
+    make_optimizer,
     prepare_data,
     restore_checkpoint,
     save_checkpoint,
@@ -143,7 +147,54 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FIELD=VALUE",
         help="override a GPTConfig field of the preset, e.g. --set n_layers=6 --set drop_rate=0 (repeatable)",
     )
+    a(
+        "--mesh",
+        help="device mesh, e.g. data=8 or data=2,fsdp=4 (axes data, fsdp, tensor; -1 = the rest). "
+        "Default: every device on data; one device runs unsharded. Allowed with --resume. "
+        "--data may also be a directory prepared by scripts/prepare.py (streamed, not loaded)",
+    )
     return p
+
+
+def _make_mesh(args: argparse.Namespace) -> Any:
+    """The device mesh of ``--mesh`` (scale-out, see jaxgpt/sharding.py), or None on one device."""
+    if args.mesh is None and jax.device_count() == 1:
+        return None  # exactly the single-device path
+    try:
+        return sharding.make_mesh(args.mesh)
+    except ValueError as e:
+        raise UsageError(f"--mesh: {e}") from e
+
+
+def _load_data(paths: list[str] | None, context_length: int, tcfg: TrainConfig) -> Data:
+    """Text files are tokenized in memory; one directory from scripts/prepare.py is streamed."""
+    if paths is None or len(paths) != 1 or not is_shard_dir(paths[0]):
+        text = default_corpus() if paths is None else load_corpus(paths)
+        return prepare_data(text, context_length, tcfg)
+    stride = context_length if tcfg.stride is None else tcfg.stride
+    train_loader, val_loader = shard_loaders(
+        paths[0],
+        tcfg.batch_size,
+        context_length,
+        stride,
+        tcfg.train_ratio,
+        tcfg.seed,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )  # each process reads only its rows of every batch
+    if len(train_loader) < tcfg.grad_accum or len(val_loader) == 0:
+        raise DataError(
+            f"{paths[0]} is too small: {len(train_loader)} training and {len(val_loader)} validation "
+            f"batches of {tcfg.batch_size} x {context_length} tokens; a step needs {tcfg.grad_accum}"
+        )
+    windows = train_loader.windows
+    return Data(
+        train_loader,
+        val_loader,
+        train_tokens=windows.stop,
+        val_tokens=len(windows.tokens) - windows.stop,
+        fingerprint=windows.tokens.manifest["dataset_id"],
+    )
 
 
 def _parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -187,10 +238,10 @@ def setup(args: argparse.Namespace) -> dict[str, Any]:
         run_cfg = json.loads((out / "config.json").read_text())
         _check_out_dir(out)
         mngr = CheckpointManager(out, keep=run_cfg["keep"])
-        state, tx, cfg, tcfg, pos, _ = restore_checkpoint(mngr)
+        mesh = _make_mesh(args)
+        state, tx, cfg, tcfg, pos, _ = restore_checkpoint(mngr, mesh=mesh)
         paths = run_cfg["data"]["paths"]
-        text = default_corpus() if paths is None else load_corpus(paths)
-        data = prepare_data(text, cfg.context_length, tcfg)
+        data = _load_data(paths, cfg.context_length, tcfg)
         if data.fingerprint != run_cfg["data"]["fingerprint"]:
             raise DataError(f"the data of {out} changed since the run started (token fingerprint differs)")
         return dict(
@@ -205,6 +256,7 @@ def setup(args: argparse.Namespace) -> dict[str, Any]:
             run_cfg=run_cfg,
             save_every=run_cfg["save_every"],
             resumed=True,
+            mesh=mesh,
         )
 
     if args.save_every < 0 or args.keep < 1:
@@ -239,12 +291,16 @@ def setup(args: argparse.Namespace) -> dict[str, Any]:
             f"{out} already holds a run's checkpoints; continue it with --resume {out}, "
             "or choose another --out"
         )
-    text = default_corpus() if args.data is None else load_corpus(args.data)
-    data = prepare_data(text, cfg.context_length, tcfg)
+    mesh = _make_mesh(args)
+    data = _load_data(args.data, cfg.context_length, tcfg)
     _check_out_dir(out)
 
     total = total_train_steps(data.train_loader, tcfg)
-    state, tx = create_train_state(cfg, tcfg, jax.random.PRNGKey(tcfg.seed), total)
+    if mesh is None:
+        state, tx = create_train_state(cfg, tcfg, jax.random.PRNGKey(tcfg.seed), total)
+    else:  # each device initialises only its shards
+        new = lambda: create_train_state(cfg, tcfg, jax.random.PRNGKey(tcfg.seed), total)[0]  # noqa: E731
+        state, tx = sharding.init_sharded(new, mesh)[0], make_optimizer(tcfg, total)
     run_cfg = {
         "preset": args.preset,
         "model_config": cfg.to_dict(),
@@ -276,6 +332,7 @@ def setup(args: argparse.Namespace) -> dict[str, Any]:
         run_cfg=run_cfg,
         save_every=args.save_every,
         resumed=False,
+        mesh=mesh,
     )
 
 
@@ -350,12 +407,18 @@ def _records(path: Path, upto: int) -> list[dict[str, Any]]:
     """The evaluation records of metrics.jsonl up to step ``upto`` (later ones were not saved)."""
     if not path.is_file():
         return []
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in records if r["step"] <= upto]
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut short when the process was killed
+            continue
+    return [r for r in records if isinstance(r, dict) and r.get("step", upto + 1) <= upto]
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    sharding.maybe_initialize_distributed()  # multi-host launchers: join before any JAX call
     try:
         run = setup(args)
     except (UsageError, DataError, CheckpointError, ValueError) as e:
@@ -396,6 +459,7 @@ def main(argv: list[str] | None = None) -> int:
             run["data"].val_loader,
             run["pos"],
             hooks,
+            mesh=run["mesh"],
         )
     except NonFiniteLossError as e:
         hooks.close()
