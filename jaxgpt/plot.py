@@ -18,6 +18,7 @@ def plot_losses(records: Sequence[dict[str, Any]], path: str | Path, title: str 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
     if not records:
         raise ValueError("no evaluation records to plot")
@@ -26,6 +27,8 @@ def plot_losses(records: Sequence[dict[str, Any]], path: str | Path, title: str 
     ax1.plot(tokens, [r["train_loss"] for r in records], label="Training loss")
     ax1.plot(tokens, [r["val_loss"] for r in records], linestyle="-.", label="Validation loss")
     ax1.set_xlabel("Tokens seen")
+    if max(tokens) >= 10_000:  # 50k rather than 50000: long tick labels run into each other
+        ax1.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x / 1000:g}k"))
     ax1.set_ylabel("Loss")
     ax1.legend(loc="upper right")
     if title:

@@ -455,7 +455,7 @@ def total_train_steps(loader: DataLoader, tcfg: TrainConfig) -> int:
     return tcfg.max_steps if tcfg.max_steps is not None else tcfg.num_epochs * steps_per_epoch(loader, tcfg)
 
 
-def _epoch_batches(
+def epoch_batches(
     loader: DataLoader, tcfg: TrainConfig, epoch: int, start: int
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """The batches of one epoch from microbatch ``start`` on, stacked to (A, B, T) when accumulating."""
@@ -561,7 +561,7 @@ def train(
 
     stopped, ended_epoch = False, False
     while step < total_steps and not stopped:
-        for input_batch, target_batch in _epoch_batches(train_loader, tcfg, pos.epoch, pos.batch):
+        for input_batch, target_batch in epoch_batches(train_loader, tcfg, pos.epoch, pos.batch):
             state, metrics = step_fn(state, (jnp.asarray(input_batch), jnp.asarray(target_batch)))
             step += 1
             flush()  # the previous step's metrics: ready by now, while this step runs

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import signal
 import sys
 import time
@@ -374,7 +375,7 @@ class CLIHooks(Hooks):
     def on_eval(self, record):  # noqa: ANN001
         record = {**record, "elapsed_s": round(time.perf_counter() - self.t0, 2)}
         self._print(
-            f"Ep {int(record['epoch']) + 1} (Step {record['step']:06d}): "
+            f"Ep {max(1, math.ceil(record['epoch']))} (Step {record['step']:06d}): "
             f"Train loss {record['train_loss']:.3f}, Val loss {record['val_loss']:.3f}, "
             f"tokens seen {record['tokens_seen']}"
         )
@@ -472,7 +473,7 @@ def main(argv: list[str] | None = None) -> int:
 
     history += records
     if main_proc and history:
-        plot_losses(history, out / "loss.png", title=f"{run['run_cfg']['preset']}: {out.name}")
+        plot_losses(history, out / "loss.png")
     step = int(state.step)
     if hooks.interrupted and step < run["run_cfg"]["total_steps"]:
         print(
