@@ -42,7 +42,10 @@ def _transposed(a: Array) -> Array:
     XLA folds a plain transpose into the matmul that reads it; on CPU the bfloat16 matmul
     library then cannot take the operand and XLA falls back to float32 (half the speed). A
     transpose through a rank-3 view is copied instead, and the copy is cheap next to the matmul.
+    (GPUs take transposed operands as they are.)
     """
+    if jax.default_backend() != "cpu":
+        return a.T
     return jnp.transpose(a[:, :, None], (1, 0, 2)).reshape(a.shape[1], a.shape[0])
 
 

@@ -97,6 +97,11 @@ def _library_train_step(cfg, args):
     try:
         from jaxgpt import train as train_lib
 
+        if args.loss == "chunked":  # what train.py computes once it calls jaxgpt.loss.train_loss
+            from jaxgpt.loss import train_loss
+
+            train_lib.loss_fn = train_loss
+
         tcfg = train_lib.TrainConfig(learning_rate=args.lr, weight_decay=0.1, batch_size=args.batch_size)
         state, tx = train_lib.create_train_state(cfg, tcfg, jax.random.key(0), total_steps=1000)
         return state, train_lib.jit_train_step(cfg, tx), "jaxgpt.train.train_step"
@@ -187,6 +192,7 @@ def bench_jaxgpt_train(args) -> dict:
         "batch_size": B,
         "dtype": cfg.dtype,
         "remat": cfg.remat,
+        "loss": args.loss,
         "drop_rate": cfg.drop_rate,
         "step_source": source,
         "device": f"{device.platform}:{device.device_kind}",
@@ -502,6 +508,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="rematerialise each block in the backward pass (default none)",
     )
     t.add_argument("--drop-rate", type=float, default=0.1, help="dropout rate (default 0.1, the book's)")
+    t.add_argument(
+        "--loss",
+        default="library",
+        choices=["library", "chunked"],
+        help="library: the train step exactly as jaxgpt.train has it; chunked: with jaxgpt.loss.train_loss "
+        "(head and cross-entropy 1024 rows at a time, no full logits)",
+    )
     t.add_argument(
         "--lr", type=float, default=4e-4, help="AdamW learning rate (default 4e-4; weight decay 0.1)"
     )

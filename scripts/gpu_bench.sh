@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# One-shot GPU training benchmark (issue 7): gpt2-small, context 1024, bf16, the largest batch that fits.
+#
+#   bash scripts/gpu_bench.sh            # on a fresh machine with one NVIDIA GPU and PyPI access
+#
+# Installs jaxgpt with JAX's CUDA 12 wheels (all from PyPI) into /tmp/jaxgpt-gpuvenv, then tries batch sizes
+# from large to small and reports tokens/s and MFU (model FLOPs / the chip's dense bf16 peak) of the
+# first that fits. Dropout is off (as in GPT-2 reproductions such as llm.c), so attention runs as
+# cuDNN flash attention; the loss is the chunked one (jaxgpt.loss.train_loss), so the logits of the
+# whole batch are never held. About 3 minutes of install and 1 minute per batch size tried.
+# JSON lines go to $OUT (or ./gpu_bench_out) as gpu_bench_B<batch>.json.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT_DIR="${OUT:-gpu_bench_out}"
+mkdir -p "$OUT_DIR"
+START=$(date +%s)
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+VENV="${VENV:-/tmp/jaxgpt-gpuvenv}"
+if [ ! -x "$VENV/bin/python" ]; then
+  python3 -m venv "$VENV" || { echo "python3 -m venv failed"; exit 1; }
+fi
+PY="$VENV/bin/python"
+$PY -m pip install -q --upgrade pip >/dev/null 2>&1
+$PY -m pip install -q -e . "jax[cuda12]" || { echo "pip install failed"; exit 1; }
+$PY -c "import jax; print('jax', jax.__version__, jax.devices())" || exit 1
+echo "install took $(( $(date +%s) - START )) s"
+
+BATCHES="${BATCHES:-64 48 32 16 8}"
+best=""
+for B in $BATCHES; do
+  echo "=== batch $B ($(( $(date +%s) - START )) s elapsed)"
+  if timeout 240 $PY scripts/bench.py train --json --preset gpt2-small --context-length 1024 \
+      --dtype bfloat16 --drop-rate 0.0 --loss chunked --batch-size "$B" --steps 10 --warmup 2 \
+      --references none > "$OUT_DIR/gpu_bench_B$B.json" 2> "$OUT_DIR/gpu_bench_B$B.err"; then
+    best=$B
+    break
+  fi
+  tail -n 3 "$OUT_DIR/gpu_bench_B$B.err"
+done
+if [ -z "$best" ]; then echo "no batch size fitted"; exit 1; fi
+
+$PY - "$OUT_DIR/gpu_bench_B$best.json" <<'EOF'
+import json, sys
+r = json.loads(open(sys.argv[1]).read().strip().splitlines()[-1])
+print(f"device {r['device']}  batch {r['batch_size']}  context {r['context_length']}  dtype {r['dtype']}")
+print(f"tokens_per_s {r['tokens_per_s']:.0f}  step_ms {r['step_ms']:.1f}  compile_s {r['compile_s']:.1f}")
+print(f"model TFLOP/s {r['achieved_gflops'] / 1e3:.1f}  matmul TFLOP/s (8192^3 bf16, this run) {r['matmul_gflops'] / 1e3:.1f}")
+if "mfu" in r:
+    print(f"MFU {r['mfu']:.3f} of {r['chip_bf16_peak_tflops']:.0f} TFLOP/s dense bf16")
+if "peak_device_mb" in r:
+    print(f"peak device memory {r['peak_device_mb']:.0f} MB")
+EOF
+echo "total $(( $(date +%s) - START )) s"
