@@ -139,6 +139,8 @@ class CheckpointManager:
         """
         step, meta = self.read_meta(step)
         steps = self.all_steps()
+        if params_like is None:  # no target: each array whole on one device, whatever mesh saved it
+            params_like = _whole_on_one_device(self.step_dir(step) / "params")
         items: dict[str, Any] = {"params": ocp.args.StandardRestore(params_like)}
         if state_like is not None:
             items["state"] = ocp.args.StandardRestore(state_like)
@@ -149,6 +151,18 @@ class CheckpointManager:
         except Exception as e:
             raise self._damaged(step, steps, e) from e
         return step, params, state, meta
+
+
+def _whole_on_one_device(item_dir: Path) -> Any:
+    """Shapes and dtypes of the arrays saved in ``item_dir``, each placed whole on this process's
+    first device: a restore target for a checkpoint written by a sharded run on any mesh (orbax
+    refuses to guess one when the saving devices are not all present)."""
+    try:
+        saved = ocp.StandardCheckpointer().metadata(item_dir).item_metadata.tree
+    except Exception:  # unreadable metadata: let the restore itself report the damage
+        return None
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), saved)
 
 
 def _like(tree: Any, like: Any) -> Any:
