@@ -106,8 +106,6 @@ def max_abs_diff(a, b) -> float:
 
 
 def meshes(out_path: str, ckpt_dir: str) -> None:
-    import orbax.checkpoint as ocp
-
     out: dict[str, object] = {"n_devices": jax.device_count()}
     single_losses, single_state = run_single()
     out["single"] = single_losses
@@ -120,19 +118,27 @@ def meshes(out_path: str, ckpt_dir: str) -> None:
         out["shard_shapes"][spec] = shard_shapes(state)
         states[spec] = state
 
-    # Save on fsdp=8, restore onto data=2,fsdp=4 and onto one device, with target shardings.
+    # Save on fsdp=8 with the trainer's checkpoints (orbax), restore onto data=2,fsdp=4 and onto
+    # one device with target shardings; the test process (one device) loads it once more.
+    from jaxgpt.checkpoint import CheckpointManager
+    from jaxgpt.train import Position, restore_checkpoint, save_checkpoint
+
     saved = states["fsdp=8"]
-    ckpt = ocp.StandardCheckpointer()
-    ckpt.save(os.path.join(ckpt_dir, "state"), saved)
-    ckpt.wait_until_finished()
+    mngr = CheckpointManager(ckpt_dir, keep=1)
+    save_checkpoint(mngr, saved, CFG, TCFG, Position(epoch=0, batch=STEPS), total_steps=STEPS)
+    np.savez(
+        os.path.join(ckpt_dir, "saved_params.npz"),
+        **{
+            jax.tree_util.keystr(k): np.asarray(v)
+            for k, v in jax.tree_util.tree_leaves_with_path(saved.params)
+        },
+    )
     restored = {}
     for name, mesh in [
         ("data=2,fsdp=4", sharding.make_mesh("data=2,fsdp=4")),
         ("one_device", sharding.make_mesh("data=1", devices=jax.devices()[:1])),
     ]:
-        shapes = jax.eval_shape(lambda: saved)
-        target = sharding.abstract_state(shapes, sharding.state_shardings(shapes, mesh))
-        state = ckpt.restore(os.path.join(ckpt_dir, "state"), target)
+        state = restore_checkpoint(mngr, mesh=mesh)[0]
         restored[name] = {
             "max_abs_diff": max_abs_diff(saved, state),
             "devices": sorted({d.id for leaf in jax.tree_util.tree_leaves(state) for d in leaf.devices()}),
@@ -142,7 +148,6 @@ def meshes(out_path: str, ckpt_dir: str) -> None:
             ],
         }
     out["restored"] = restored
-    ckpt.close()
     with open(out_path, "w") as f:
         json.dump(out, f)
 

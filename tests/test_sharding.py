@@ -75,6 +75,7 @@ def runs(tmp_path_factory) -> dict:
     return {
         "meshes": json.loads((tmp / "meshes.json").read_text()),
         "dist": [json.loads((tmp / f"p{i}.json").read_text()) for i in range(2)],
+        "ckpt_dir": str(tmp),
     }
 
 
@@ -110,6 +111,18 @@ def test_checkpoint_restores_onto_another_mesh_and_one_device(meshes):
     assert other["max_abs_diff"] == 0.0 and single["max_abs_diff"] == 0.0
     assert other["ff_in_shards"] == [[2, 8, 128]] * 8 and other["devices"] == list(range(8))
     assert single["ff_in_shards"] == [[2, 32, 128]] and single["devices"] == [0]
+
+
+def test_checkpoint_of_a_sharded_run_loads_on_one_device_for_generation(runs):
+    from jaxgpt.checkpoint import load_checkpoint
+
+    cfg, params = load_checkpoint(runs["ckpt_dir"])  # what scripts/generate.py does, one device here
+    assert cfg.emb_dim == 32 and cfg.n_layers == 2
+    saved = np.load(Path(runs["ckpt_dir"]) / "saved_params.npz")
+    loaded = {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(params)}
+    assert sorted(loaded) == sorted(saved.files)
+    for name in saved.files:
+        np.testing.assert_array_equal(loaded[name], saved[name], err_msg=name)
 
 
 def test_two_processes_with_jax_distributed_match_one_device(runs):
