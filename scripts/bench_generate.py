@@ -2,7 +2,7 @@
 
     python scripts/bench_generate.py                      # gpt2-small, 100 new tokens, B=1 and B=8
     python scripts/bench_generate.py --batch-sizes 1 --json
-    python scripts/bench_generate.py --layers both        # decode with the layer stack unrolled and scanned
+    python scripts/bench_generate.py --threads 1          # Hugging Face on one thread (a busy machine)
     python scripts/bench.py generate ...                  # the same, through the benchmark harness
 
 Both models get the same random gpt2-small weights' shapes (GPT-2's config: tied head, qkv bias),
@@ -10,14 +10,14 @@ the same short prompt repeated over the batch, greedy decoding with a KV cache, 
 ``--new-tokens`` new tokens (no eos). jaxgpt's compile time (the first call minus a timed call)
 is reported apart from its tokens/s; tokens/s is batch * new tokens / the median of ``--repeats``
 timed calls. Hugging Face runs in the same process afterwards with ``torch.set_num_threads``
-equal to the cores JAX uses; the ratio is jaxgpt tokens/s over Hugging Face tokens/s. The load
-average is printed because figures on a shared machine move with it.
+equal to the cores JAX uses (or ``--threads``); the ratio is jaxgpt tokens/s over Hugging Face
+tokens/s. CPU seconds per call (all threads) are printed beside wall time, and the load average
+before and after, because wall-clock figures on a shared machine move with the load.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import statistics
@@ -41,18 +41,15 @@ def _median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def bench_jaxgpt(
-    cfg, params, prompt_ids: list[int], batch_size: int, new_tokens: int, repeats: int, unroll: bool
-) -> dict:
+def bench_jaxgpt(cfg, params, prompt_ids: list[int], batch_size: int, new_tokens: int, repeats: int) -> dict:
     import jax
     import numpy as np
 
-    gen = importlib.import_module("jaxgpt.generate")
-    gen.UNROLL_LAYERS_FOR_DECODE = unroll
+    from jaxgpt.generate import generate
     ids = np.tile(np.asarray(prompt_ids, np.int32)[None], (batch_size, 1))  # (B, T)
 
     def run():
-        return jax.block_until_ready(gen.generate(params, cfg, ids, new_tokens))
+        return jax.block_until_ready(generate(params, cfg, ids, new_tokens))
 
     t0, c0 = time.perf_counter(), time.process_time()
     first = run()
@@ -62,7 +59,6 @@ def bench_jaxgpt(
     run_cpu = (time.process_time() - c0) / repeats
     return {
         "name": "jaxgpt",
-        "layers": "unrolled" if unroll else "scanned",
         "batch_size": batch_size,
         "compile_s": round(max(first_s - run_s, 0.0), 2),
         "compile_cpu_s": round(max(first_cpu - run_cpu, 0.0), 2),
@@ -121,12 +117,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--repeats", type=int, default=3, help="timed calls per measurement; the median counts (default 3)"
     )
-    p.add_argument(
-        "--layers",
-        default="unrolled",
-        choices=["unrolled", "scanned", "both"],
-        help="jaxgpt's decode layer stack: unrolled (the library default), scanned, or both",
-    )
     p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face reference")
     p.add_argument("--threads", type=int, default=None, help="PyTorch threads (default: the cores JAX uses)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
@@ -151,7 +141,6 @@ def main(argv: list[str] | None = None) -> int:
     params = init_params(cfg, jax.random.key(0))
     prompt_ids = get_tokenizer().encode(PROMPT)
     threads = args.threads or os.cpu_count() or 1
-    unrolls = {"unrolled": [True], "scanned": [False], "both": [True, False]}[args.layers]
 
     result = {
         "preset": args.preset,
@@ -163,17 +152,16 @@ def main(argv: list[str] | None = None) -> int:
         "jaxgpt": [],
         "hf": [],
     }
-    for unroll in unrolls:
-        for b in batch_sizes:
-            r = bench_jaxgpt(cfg, params, prompt_ids, b, args.new_tokens, args.repeats, unroll)
-            result["jaxgpt"].append(r)
-            if not args.json:
-                print(
-                    f"jaxgpt  {r['layers']:<8} B={b:<3} {r['tokens_per_s']:8.1f} tok/s  "
-                    f"({r['run_s']:.2f} s, {r['run_cpu_s']:.2f} CPU s per call)  "
-                    f"compile {r['compile_s']:.1f} s ({r['compile_cpu_s']:.1f} CPU s)",
-                    flush=True,
-                )
+    for b in batch_sizes:
+        r = bench_jaxgpt(cfg, params, prompt_ids, b, args.new_tokens, args.repeats)
+        result["jaxgpt"].append(r)
+        if not args.json:
+            print(
+                f"jaxgpt           B={b:<3} {r['tokens_per_s']:8.1f} tok/s  "
+                f"({r['run_s']:.2f} s, {r['run_cpu_s']:.2f} CPU s per call)  "
+                f"compile {r['compile_s']:.1f} s ({r['compile_cpu_s']:.1f} CPU s)",
+                flush=True,
+            )
     if not args.no_hf:
         try:
             import torch  # noqa: F401
@@ -181,17 +169,16 @@ def main(argv: list[str] | None = None) -> int:
         except ImportError as e:
             result["hf_error"] = f"transformers/torch not importable: {e}"
         else:
-            for b in batch_sizes:
+            for b, mine in zip(batch_sizes, result["jaxgpt"], strict=True):
                 r = bench_hf(cfg, prompt_ids, b, args.new_tokens, args.repeats, threads)
-                mine = [j for j in result["jaxgpt"] if j["batch_size"] == b]
-                r["ratio"] = {j["layers"]: round(j["tokens_per_s"] / r["tokens_per_s"], 2) for j in mine}
+                r["ratio"] = round(mine["tokens_per_s"] / r["tokens_per_s"], 2)
+                r["cpu_ratio"] = round(r["run_cpu_s"] / mine["run_cpu_s"], 2)
                 result["hf"].append(r)
                 if not args.json:
-                    ratios = "  ".join(f"{k} {v:.2f}x" for k, v in r["ratio"].items())
                     print(
-                        f"hf      generate B={b:<3} {r['tokens_per_s']:8.1f} tok/s  "
-                        f"({r['run_s']:.2f} s per call, "
-                        f"{r['run_cpu_s']:.2f} CPU s, {threads} threads)   jaxgpt/hf: {ratios}",
+                        f"hf generate      B={b:<3} {r['tokens_per_s']:8.1f} tok/s  "
+                        f"({r['run_s']:.2f} s, {r['run_cpu_s']:.2f} CPU s per call, {threads} threads)  "
+                        f"jaxgpt/hf tok/s {r['ratio']:.2f}x, hf/jaxgpt CPU s {r['cpu_ratio']:.2f}x",
                         flush=True,
                     )
     result["load_average_after"] = [round(x, 2) for x in os.getloadavg()]

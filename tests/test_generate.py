@@ -7,7 +7,7 @@ import pytest
 
 from jaxgpt.config import GPTConfig
 from jaxgpt.generate import generate, sample_next_token, top_k_mask, top_p_mask
-from jaxgpt.model import GPTModel, init_params
+from jaxgpt.model import GPTModel, init_cache, init_params
 
 gen = importlib.import_module("jaxgpt.generate")  # the module; `jaxgpt.generate` is also the function
 
@@ -74,25 +74,46 @@ def test_prompts_of_different_lengths_each_match_their_own_generation(params):
 
 
 def test_decoding_compiles_once_whatever_the_number_of_tokens(params, monkeypatch):
-    """The model is traced for the prefill, one cached step and one sliding-window step, never per token."""
+    """The model is traced for the prefill, one decode step and one sliding-window step, never per token."""
     traces = []
-    real_apply = gen._apply
 
-    def counting_apply(*args):
-        traces.append(args[2].shape)
-        return real_apply(*args)
+    def counting(name, fn):
+        def wrapper(*args):
+            traces.append(name)
+            return fn(*args)
 
-    monkeypatch.setattr(gen, "_apply", counting_apply)
+        return wrapper
+
+    monkeypatch.setattr(gen, "_apply", counting("full", gen._apply))
+    monkeypatch.setattr(gen, "_decode_step", counting("step", gen._decode_step))
     gen._generate_padded.clear_cache()
     prompt = np.array([[1, 2, 3]], np.int32)
     generate(params, CFG, prompt, 12)  # 6 tokens from the cache, then 6 past the context of 8
-    assert traces == [(1, 3), (1, 1), (1, CFG.context_length)]  # prefill, cached step, window step
+    assert traces == ["full", "step", "full"]  # prefill, decode step, window step
     generate(params, CFG, prompt[:, ::-1], 12)
     sample = dict(top_k=5, key=jax.random.key(0))
     generate(params, CFG, prompt, 12, temperature=0.7, **sample)
     generate(params, CFG, prompt, 12, temperature=1.3, **sample)  # the temperature is traced, not static
     assert gen._generate_padded._cache_size() == 2  # one greedy, one sampling program
     assert len(traces) == 6
+
+
+@pytest.mark.parametrize("tie, qkv_bias", [(True, False), (False, True)])
+def test_decode_step_gives_the_models_cached_logits(tie, qkv_bias):
+    """The per-layer decode step is the model's cached one-token call, left padding included."""
+    cfg = CFG.replace(tie_embeddings=tie, qkv_bias=qkv_bias, context_length=12)
+    p = init_params(cfg, jax.random.key(8))
+    start = jnp.array([0, 3], jnp.int32)
+    prompt = jnp.asarray(np.random.default_rng(2).integers(0, cfg.vocab_size, (2, 6)), jnp.int32)
+    model = GPTModel(cfg)
+    _, cache = model.apply({"params": p}, prompt, cache=init_cache(cfg, 2, 10, start))
+    tok = jnp.array([5, 17], jnp.int32)
+    expected, expected_cache = model.apply({"params": p}, tok[:, None], cache=cache)
+    kvs = [{"k": cache["k"][i], "v": cache["v"][i]} for i in range(cfg.n_layers)]
+    layers = gen._split_layers(p["trf_blocks"], cfg.n_layers)
+    logits, new_kvs = gen._decode_step(p, layers, cfg, tok, kvs, jnp.int32(6), start)
+    np.testing.assert_allclose(logits, expected[:, -1], atol=1e-5)
+    np.testing.assert_allclose(jnp.stack([kv["k"] for kv in new_kvs]), expected_cache["k"], atol=1e-6)
 
 
 # --- stopping at eos ---

@@ -42,13 +42,23 @@ def hf_dir(tmp_path_factory):
     return path
 
 
+@jax.jit
+def _full_pass(params, window):
+    return GPTModel(CFG).apply({"params": params}, window)  # (1, context_length, V), no cache
+
+
 def _reference_text(params, prompt: str, n: int) -> str:
-    """The book's crop-and-argmax loop without a cache, decoded."""
+    """The book's crop-and-argmax loop without a cache, decoded.
+
+    Each window is right-padded to the context length (one compile); by causality the padding
+    does not change the logits at the last real position.
+    """
     tokenizer = get_tokenizer()
     ids = tokenizer.encode(prompt)
     for _ in range(n):
-        window = jnp.asarray([ids[-CFG.context_length :]], jnp.int32)
-        ids.append(int(jnp.argmax(GPTModel(CFG).apply({"params": params}, window)[0, -1])))
+        window = ids[-CFG.context_length :]
+        padded = jnp.asarray([window + [0] * (CFG.context_length - len(window))], jnp.int32)
+        ids.append(int(jnp.argmax(_full_pass(params, padded)[0, len(window) - 1])))
     return tokenizer.decode(ids)
 
 
