@@ -106,12 +106,14 @@ if QUICK:  # a toy model for the test suite
 else:  # the book's GPT_CONFIG_124M with context_length 256 (section 5.1.1)
     cfg = jaxgpt.get_config("gpt2-small", context_length=256, tie_embeddings=False)
 
-try:
-    import torch
-    from llms_from_scratch.ch04 import GPTModel as BookGPTModel
-except ImportError as e:
-    torch = None
-    print(f"reference extra not installed ({e}): jaxgpt initialises the weights itself")
+torch = None
+if not QUICK:  # the quick run never uses the book's weights: skip the slow torch import
+    try:
+        import torch
+        from llms_from_scratch.ch04 import GPTModel as BookGPTModel
+    except ImportError as e:
+        torch = None
+        print(f"reference extra not installed ({e}): jaxgpt initialises the weights itself")
 
 
 def book_config(cfg):
@@ -341,8 +343,8 @@ if book_text and book_weights:
 # second run gives the identical losses, bit for bit.
 
 # %%
-# The whole run again (on CPU at full size only its first 2 epochs, to save time).
-repeat_steps = None if QUICK or jax.default_backend() != "cpu" else 2 * len(data.train_loader)
+# The whole run again (on a CPU only its first 2 epochs, in the quick test its first 6 steps).
+repeat_steps = 6 if QUICK else None if jax.default_backend() != "cpu" else 2 * len(data.train_loader)
 _, _, again = run_training(fresh_params(), verbose=False, max_steps=repeat_steps)
 first_run = {r["step"]: (r["train_loss"], r["val_loss"]) for r in records}
 same = [
