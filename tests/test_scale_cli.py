@@ -1,0 +1,77 @@
+"""scripts/train.py with the scale-out options: a prepared shard directory as --data, --mesh errors."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from jaxgpt.data import default_corpus
+from jaxgpt.shards import prepare_shards
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "scripts" / "train.py"
+
+
+def _load_cli():
+    spec = importlib.util.spec_from_file_location("train_cli_scale", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+cli = _load_cli()
+
+TINY = ["--context-length", "16", "--set", "emb_dim=16", "--set", "n_heads=2", "--set", "n_layers=1",
+        "--batch-size", "4", "--eval-freq", "3", "--eval-iter", "2", "--max-steps", "4", "--save-every", "2",
+        "--sample-tokens", "0"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def shard_dir(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("shards")
+    (tmp / "corpus.txt").write_text(default_corpus()[:25_000], encoding="utf-8")
+    prepare_shards(tmp / "corpus.txt", tmp / "ds", num_workers=1, chunk_bytes=4096, progress=False)
+    return tmp / "ds"
+
+
+def test_train_streams_a_prepared_directory_and_resumes_from_it(shard_dir, tmp_path):
+    out = tmp_path / "run"
+    assert cli.main([*TINY, "--data", str(shard_dir), "--out", str(out)]) == 0
+    config = json.loads((out / "config.json").read_text())
+    manifest = json.loads((shard_dir / "manifest.json").read_text())
+    assert config["data"]["fingerprint"] == manifest["dataset_id"]
+    split = int(0.9 * manifest["total_tokens"])  # split by tokens, not characters
+    assert (config["data"]["train_tokens"], config["data"]["val_tokens"]) == (
+        split,
+        manifest["total_tokens"] - split,
+    )
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 4] and all(r["val_loss"] < 11.5 for r in records)
+    # --resume re-opens the same shards (and checks them) and finishes the run from step 2
+    last = sorted((out / "checkpoints").iterdir(), key=lambda p: int(p.name))[-1]
+    assert last.name == "4"
+    import shutil
+
+    shutil.rmtree(last)
+    assert cli.main(["--resume", str(out)]) == 0
+    again = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert again[-1]["train_loss"] == records[-1]["train_loss"]  # bit-identical continuation
+
+
+def test_corrupt_prepared_directory_stops_before_training(shard_dir, tmp_path, capsys):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(shard_dir, bad)
+    shard = bad / "shard_000001.bin"
+    shard.write_bytes(shard.read_bytes()[:-2])
+    assert cli.main([*TINY, "--data", str(bad), "--out", str(tmp_path / "run")]) == 2
+    assert "shard_000001.bin is truncated or corrupt" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_mesh_that_does_not_fit_the_devices_is_a_usage_error(tmp_path, capsys):
+    assert cli.main([*TINY, "--mesh", "data=2,fsdp=4", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "--mesh: mesh data=2,fsdp=4,tensor=1 has 8 devices but JAX sees 1" in err
