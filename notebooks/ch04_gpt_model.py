@@ -294,15 +294,19 @@ if torch is not None:
     np.testing.assert_allclose(ours_without, book_without, rtol=1e-4)
     np.testing.assert_allclose(ours_with, book_with, rtol=1e-4)
 
-fig, ax = plt.subplots(figsize=(5.5, 3.2))
+fig, ax = plt.subplots(figsize=(6.5, 3.2))
 idx = np.arange(5)
-ax.bar(idx - 0.2, without, width=0.4, label="without shortcut")
-ax.bar(idx + 0.2, with_sc, width=0.4, label="with shortcut")
+if torch is not None:  # the book's demonstration exactly
+    plot_without, plot_with, init_name = ours_without, ours_with, "the book's"
+else:
+    plot_without, plot_with, init_name = without, with_sc, "Flax's"
+ax.bar(idx - 0.2, plot_without, width=0.4, label="without shortcut")
+ax.bar(idx + 0.2, plot_with, width=0.4, label="with shortcut")
 ax.set_yscale("log")
 ax.set_xlabel("layer (0 = first)")
 ax.set_ylabel("mean |gradient| of the weights")
-ax.set_title("Shortcut connections keep gradients alive")
-ax.legend()
+ax.set_title(f"Shortcut connections keep gradients alive ({init_name} initial weights)", fontsize=10)
+ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
 save(fig, "ch04_shortcut_gradients.png")
 
 # %% [markdown]
