@@ -516,6 +516,10 @@ def train(
     schedule = make_schedule(tcfg, total_steps)
     step_fn = jit_train_step(cfg, tx)
     if mesh is not None:  # scale-out: the same train_step, jitted with the mesh's shardings
+        if tcfg.grad_accum > 1 and jax.process_count() > 1:  # _epoch_batches stacks on the host
+            raise ValueError(
+                "grad_accum > 1 is not supported with several processes yet; use a larger mesh batch"
+            )
         state = sharding.shard_state(state, mesh)
         shardings = sharding.state_shardings(state, mesh)
         step_fn = sharding.shard_train_step(
