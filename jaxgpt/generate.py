@@ -7,8 +7,9 @@ temperature of 0 means greedy decoding (argmax), the book's ``generate_text_simp
 
 :func:`generate` runs the model the way a JAX user expects: one prefill pass writes the
 prompt into a preallocated key/value cache, then a single jitted ``lax.while_loop`` feeds one
-token per step. The shapes depend only on (batch, prompt length, max_new_tokens), so the whole
-decode compiles once, however many tokens it produces. Prompts of different lengths are left
+token per step (through per-layer weights split once before the loop, see :func:`_decode_step`).
+The shapes depend only on (batch, prompt length, max_new_tokens), so the whole decode compiles
+once, however many tokens it produces. Prompts of different lengths are left
 padded; the cache's ``start`` hides the padding and shifts each row's positions, so every row
 sees exactly its own tokens.
 
@@ -159,9 +160,14 @@ def _split_layers(stacked: Any, n_layers: int) -> list[Any]:
     return [jax.tree_util.tree_map(lambda a, i=i: a[i], stacked) for i in range(n_layers)]
 
 
+def _to_bf16_if_matrix(a: Array) -> Array:
+    return a.astype(jnp.bfloat16) if a.ndim == 2 else a  # matmul kernels; norms and biases stay float32
+
+
 def _decode_step(
     params: Params,
     layers: list[Params],
+    head: Array,
     cfg: GPTConfig,
     tok: Array,
     kvs: list[KVCache],
@@ -169,6 +175,8 @@ def _decode_step(
     start: Array,
 ) -> tuple[Array, list[KVCache]]:
     """One new token per row, (B,) -> next-token logits (B, V) and the updated per-layer caches.
+
+    ``head`` (C, V) is the logits matrix: the token embedding transposed (tied) or ``out_head``.
 
     The same computation as ``GPTModel``'s cached call for one token (tested equal), with the
     model's own ``TransformerBlock`` and ``LayerNorm``, but run over per-layer params and caches
@@ -187,11 +195,7 @@ def _decode_step(
         x, kv = TransformerBlock(cfg).apply({"params": layer}, x, kv, mask, index)
         new_kvs.append(kv)
     x = LayerNorm(cfg.emb_dim).apply({"params": params["final_norm"]}, x)[:, 0]  # (B, C)
-    if cfg.tie_embeddings:  # GPT-2's head is the token embedding, transposed
-        logits = matmul(x, params["tok_emb"]["embedding"].T, cfg.dtype)  # (B, V)
-    else:
-        logits = matmul(x, params["out_head"]["kernel"], cfg.dtype)  # (B, V)
-    return logits, new_kvs
+    return matmul(x, head, cfg.dtype), new_kvs  # (B, V)
 
 
 @functools.partial(
@@ -245,12 +249,16 @@ def _generate_padded(
     out = jnp.full((B, N), pad, jnp.int32).at[:, 0].set(tok)  # (B, N)
 
     layers = _split_layers(params["trf_blocks"], cfg.n_layers)  # once, outside the loop
+    head = params["tok_emb"]["embedding"].T if cfg.tie_embeddings else params["out_head"]["kernel"]  # (C, V)
+    if cfg.dtype != "float32":  # the matmuls multiply in bf16: cast their weights once, not every token
+        layers = [jax.tree_util.tree_map(_to_bf16_if_matrix, layer) for layer in layers]
+        head = head.astype(jnp.bfloat16)
     kvs = [{"k": cache["k"][i], "v": cache["v"][i]} for i in range(cfg.n_layers)]  # (B, S, n_heads, head_dim)
 
     def cached_step(carry):
         t, tok, kvs, out, done = carry
         index = T + t - 1  # token t-1 goes into this slot
-        logits, kvs = _decode_step(params, layers, cfg, tok, kvs, index, start)
+        logits, kvs = _decode_step(params, layers, head, cfg, tok, kvs, index, start)
         tok, done = pick(logits, t, done)
         return t + 1, tok, kvs, jax.lax.dynamic_update_slice(out, tok[:, None], (0, t)), done
 

@@ -117,6 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--repeats", type=int, default=3, help="timed calls per measurement; the median counts (default 3)"
     )
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="jaxgpt's matmul dtype; bfloat16 reads half the weight bytes per token (default float32)",
+    )
     p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face reference")
     p.add_argument("--threads", type=int, default=None, help="PyTorch threads (default: the cores JAX uses)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
@@ -135,15 +141,15 @@ def main(argv: list[str] | None = None) -> int:
     from jaxgpt.model import init_params
     from jaxgpt.tokenizer import get_tokenizer
 
-    cfg = get_config(
-        args.preset, qkv_bias=True, drop_rate=0.0
-    )  # GPT-2's own layout, as Hugging Face builds it
+    # GPT-2's own layout (qkv bias, tied head), as Hugging Face builds it
+    cfg = get_config(args.preset, qkv_bias=True, drop_rate=0.0, dtype=args.dtype)
     params = init_params(cfg, jax.random.key(0))
     prompt_ids = get_tokenizer().encode(PROMPT)
     threads = args.threads or os.cpu_count() or 1
 
     result = {
         "preset": args.preset,
+        "dtype": args.dtype,
         "prompt_tokens": len(prompt_ids),
         "new_tokens": args.new_tokens,
         "device": str(jax.devices()[0].device_kind),

@@ -98,10 +98,15 @@ def test_decoding_compiles_once_whatever_the_number_of_tokens(params, monkeypatc
     assert len(traces) == 6
 
 
-@pytest.mark.parametrize("tie, qkv_bias", [(True, False), (False, True)])
-def test_decode_step_gives_the_models_cached_logits(tie, qkv_bias):
-    """The per-layer decode step is the model's cached one-token call, left padding included."""
-    cfg = CFG.replace(tie_embeddings=tie, qkv_bias=qkv_bias, context_length=12)
+@pytest.mark.parametrize(
+    "tie, qkv_bias, dtype", [(True, False, "float32"), (False, True, "float32"), (True, True, "bfloat16")]
+)
+def test_decode_step_gives_the_models_cached_logits(tie, qkv_bias, dtype):
+    """The per-layer decode step is the model's cached one-token call, left padding included.
+
+    With bfloat16 matmuls the step gets its weights cast once, as generate does.
+    """
+    cfg = CFG.replace(tie_embeddings=tie, qkv_bias=qkv_bias, context_length=12, dtype=dtype)
     p = init_params(cfg, jax.random.key(8))
     start = jnp.array([0, 3], jnp.int32)
     prompt = jnp.asarray(np.random.default_rng(2).integers(0, cfg.vocab_size, (2, 6)), jnp.int32)
@@ -111,7 +116,11 @@ def test_decode_step_gives_the_models_cached_logits(tie, qkv_bias):
     expected, expected_cache = model.apply({"params": p}, tok[:, None], cache=cache)
     kvs = [{"k": cache["k"][i], "v": cache["v"][i]} for i in range(cfg.n_layers)]
     layers = gen._split_layers(p["trf_blocks"], cfg.n_layers)
-    logits, new_kvs = gen._decode_step(p, layers, cfg, tok, kvs, jnp.int32(6), start)
+    head = p["tok_emb"]["embedding"].T if tie else p["out_head"]["kernel"]
+    if dtype == "bfloat16":
+        layers = [jax.tree_util.tree_map(gen._to_bf16_if_matrix, layer) for layer in layers]
+        head = head.astype(jnp.bfloat16)
+    logits, new_kvs = gen._decode_step(p, layers, head, cfg, tok, kvs, jnp.int32(6), start)
     np.testing.assert_allclose(logits, expected[:, -1], atol=1e-5)
     np.testing.assert_allclose(jnp.stack([kv["k"] for kv in new_kvs]), expected_cache["k"], atol=1e-6)
 
@@ -227,6 +236,7 @@ def test_same_key_same_tokens_other_key_other_tokens(params):
 def test_callback_streams_every_token_in_order(params):
     seen = []
     prompt = np.array([[2, 4, 6, 8]], np.int32)
+
     def record(t, tok):
         seen.append((int(t), int(tok[0])))
 
