@@ -39,8 +39,8 @@ from jaxgpt.checkpoint import CheckpointError, CheckpointManager
 from jaxgpt.config import GPTConfig
 from jaxgpt.data import DataLoader, sliding_windows, train_val_split
 from jaxgpt.generate import generate
-from jaxgpt.loss import calc_loss_batch, cross_entropy
-from jaxgpt.model import GPTModel, Params, init_params
+from jaxgpt.loss import calc_loss_batch, train_loss
+from jaxgpt.model import Params, init_params
 from jaxgpt.tokenizer import EOT_TEXT, get_tokenizer, text_to_token_ids, token_ids_to_text
 
 Array = jax.Array
@@ -304,16 +304,6 @@ def create_train_state(
 # --------------------------------------------------------------------------------------------
 
 
-def loss_fn(
-    params: Params, cfg: GPTConfig, input_batch: Array, target_batch: Array, dropout_key: Array
-) -> Array:
-    """Training loss of one (B, T) batch: the book's calc_loss_batch with dropout on."""
-    logits = GPTModel(cfg).apply(
-        {"params": params}, input_batch, deterministic=False, rngs={"dropout": dropout_key}
-    )  # (B, T, V)
-    return cross_entropy(logits, target_batch)
-
-
 def train_step(
     state: TrainState,
     batch: Batch,
@@ -332,7 +322,7 @@ def train_step(
     inputs, targets = batch
     base_key = state.rng if rng is None else rng
     step_key = jax.random.fold_in(base_key, state.step)
-    grad_fn = jax.value_and_grad(loss_fn)
+    grad_fn = jax.value_and_grad(train_loss)  # loss.py: dropout on, logits never held whole
 
     if inputs.ndim == 2:
         loss, grads = grad_fn(state.params, cfg, inputs, targets, step_key)
@@ -543,13 +533,13 @@ def train(
             hooks.on_step(s, values, pos)
 
     def eval_now(s: int) -> None:
-        train_loss, val_loss = evaluate_model(state.params, cfg, train_loader, val_loader, tcfg.eval_iter)
+        train_l, val_l = evaluate_model(state.params, cfg, train_loader, val_loader, tcfg.eval_iter)
         record = {
             "step": s,
             "epoch": pos.epoch + pos.batch / (per_epoch * tcfg.grad_accum),  # fractional, from 0
             "tokens_seen": pos.tokens_seen,
-            "train_loss": train_loss,
-            "val_loss": val_loss,
+            "train_loss": train_l,
+            "val_loss": val_l,
             "lr": float(schedule(s - 1)),
         }
         records.append(record)
