@@ -101,25 +101,6 @@ class Linear(nn.Module):
         return y
 
 
-class LinearParams(nn.Module):
-    """The kernel (in, out) and bias (out,) of a :class:`Linear`, returned instead of applied.
-
-    Lets attention multiply by the three projections at once while each keeps its own name.
-    """
-
-    in_features: int
-    features: int
-    use_bias: bool = True
-
-    @nn.compact
-    def __call__(self) -> tuple[Array, Array | None]:
-        kernel = self.param("kernel", _init_normal, (self.in_features, self.features), jnp.float32)
-        bias = None
-        if self.use_bias:
-            bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
-        return kernel, bias
-
-
 class LayerNorm(nn.Module):
     """Layer normalisation (book 4.2): biased variance over the last axis, eps 1e-5, scale and shift."""
 
@@ -209,13 +190,12 @@ class MultiHeadAttention(nn.Module):
         B, T, C = x.shape
         n_heads, head_dim = cfg.n_heads, cfg.head_dim
 
-        # W_query, W_key and W_value keep their own params (the book's and Hugging Face's layout)
-        # but are applied as one (C, 3C) matmul, which keeps the matmul units busier.
-        projections = [LinearParams(C, C, cfg.qkv_bias, name=n)() for n in ("W_query", "W_key", "W_value")]
-        qkv = matmul(x, jnp.concatenate([w for w, _ in projections], axis=1), cfg.dtype)  # (B, T, 3C)
-        if cfg.qkv_bias:
-            qkv = qkv + jnp.concatenate([b for _, b in projections]).reshape(1, 1, 3 * C)
-        queries, keys, values = (t.reshape(B, T, n_heads, head_dim) for t in jnp.split(qkv, 3, axis=-1))
+        # Three matmuls, as in the book: fusing them into one (C, 3C) matmul measured slower on CPU
+        # (the concatenation and the split gradient cost more than they save), and XLA's GPU
+        # compiler merges matmuls that share an input by itself.
+        queries = Linear(cfg, C, cfg.qkv_bias, name="W_query")(x).reshape(B, T, n_heads, head_dim)
+        keys = Linear(cfg, C, cfg.qkv_bias, name="W_key")(x).reshape(B, T, n_heads, head_dim)
+        values = Linear(cfg, C, cfg.qkv_bias, name="W_value")(x).reshape(B, T, n_heads, head_dim)
 
         if kv is not None:  # decode: append to the fixed-size cache, attend over all its slots
             keys = jax.lax.dynamic_update_slice_in_dim(kv["k"], keys.astype(kv["k"].dtype), index, axis=1)
