@@ -97,10 +97,8 @@ def _library_train_step(cfg, args):
     try:
         from jaxgpt import train as train_lib
 
-        if args.loss == "chunked":  # what train.py computes once it calls jaxgpt.loss.train_loss
-            from jaxgpt.loss import train_loss
-
-            train_lib.loss_fn = train_loss
+        if args.loss == "logits":  # for comparison: the loss from the full (B, T, V) logits
+            train_lib.train_loss = _logits_train_loss
 
         tcfg = train_lib.TrainConfig(learning_rate=args.lr, weight_decay=0.1, batch_size=args.batch_size)
         state, tx = train_lib.create_train_state(cfg, tcfg, jax.random.key(0), total_steps=1000)
@@ -126,6 +124,16 @@ def _library_train_step(cfg, args):
     params = init_params(cfg, jax.random.key(0))
     step = jax.jit(train_step, donate_argnums=0)
     return (params, tx.init(params)), step, f"bench fallback, loss.py + optax.adamw ({reason})"
+
+
+def _logits_train_loss(params, cfg, input_batch, target_batch, dropout_key):
+    """The training loss the plain way: all logits, then cross-entropy (threefry dropout masks)."""
+    from jaxgpt.loss import cross_entropy
+    from jaxgpt.model import GPTModel
+
+    rngs = {"dropout": dropout_key}
+    logits = GPTModel(cfg).apply({"params": params}, input_batch, deterministic=False, rngs=rngs)
+    return cross_entropy(logits, target_batch)
 
 
 def bench_jaxgpt_train(args) -> dict:
@@ -510,10 +518,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--drop-rate", type=float, default=0.1, help="dropout rate (default 0.1, the book's)")
     t.add_argument(
         "--loss",
-        default="library",
-        choices=["library", "chunked"],
-        help="library: the train step exactly as jaxgpt.train has it; chunked: with jaxgpt.loss.train_loss "
-        "(head and cross-entropy 1024 rows at a time, no full logits)",
+        default="chunked",
+        choices=["chunked", "logits"],
+        help="chunked: the library's train loss (jaxgpt.loss.train_loss: head and cross-entropy 1024 rows "
+        "at a time, rbg dropout masks); logits: full logits then cross-entropy, for comparison",
     )
     t.add_argument(
         "--lr", type=float, default=4e-4, help="AdamW learning rate (default 4e-4; weight decay 0.1)"

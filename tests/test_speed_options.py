@@ -59,7 +59,7 @@ def test_bf16_keeps_float32_params_and_gradients():
     cfg = TINY.replace(dtype="bfloat16")
     params = init_params(cfg, jax.random.key(0))
     idx = jnp.asarray(np.arange(12).reshape(2, 6) % cfg.vocab_size)
-    grads = jax.grad(lambda p: cross_entropy(GPTModel(cfg).apply({"params": p}, idx), idx))(params)
+    grads = jax.jit(jax.grad(lambda p: cross_entropy(GPTModel(cfg).apply({"params": p}, idx), idx)))(params)
     for leaf in jax.tree_util.tree_leaves(params) + jax.tree_util.tree_leaves(grads):
         assert leaf.dtype == jnp.float32
     logits = GPTModel(cfg).apply({"params": params}, idx)
