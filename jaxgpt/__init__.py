@@ -4,34 +4,78 @@ Everything a user needs is re-exported here; params are plain pytrees and every 
 function of its inputs and an explicit ``jax.random`` key.
 """
 
+from jaxgpt.checkpoint import load_checkpoint
 from jaxgpt.config import PRESETS, GPTConfig, get_config
-from jaxgpt.data import create_dataloader, default_corpus, sliding_windows
-from jaxgpt.generate import generate
+from jaxgpt.data import DataLoader, create_dataloader, default_corpus, sliding_windows, train_val_split
+from jaxgpt.generate import apply_temperature, generate, sample_next_token, top_k_mask, top_p_mask
 from jaxgpt.loss import calc_loss_batch, calc_loss_loader, cross_entropy
 from jaxgpt.model import GPTModel, count_params, init_cache, init_params
+from jaxgpt.sharding import make_mesh, shard_train_step, state_shardings
+from jaxgpt.shards import open_shards, prepare_shards
 from jaxgpt.tokenizer import get_tokenizer, text_to_token_ids, token_ids_to_text
-from jaxgpt.weights import load_hf_gpt2, params_from_hf, params_to_hf, save_hf_gpt2
+from jaxgpt.train import (
+    TrainConfig,
+    TrainState,
+    create_train_state,
+    evaluate_model,
+    generate_and_print_sample,
+    make_optimizer,
+    train,
+    train_step,
+)
+from jaxgpt.weights import (
+    book_state_dict,
+    load_book_state_dict,
+    load_hf_gpt2,
+    params_from_hf,
+    params_to_hf,
+    save_book_state_dict,
+    save_hf_gpt2,
+)
 
 __all__ = [
     "PRESETS",
+    "DataLoader",
     "GPTConfig",
     "GPTModel",
+    "TrainConfig",
+    "TrainState",
+    "apply_temperature",
+    "book_state_dict",
     "calc_loss_batch",
     "calc_loss_loader",
     "count_params",
     "create_dataloader",
+    "create_train_state",
     "cross_entropy",
     "default_corpus",
+    "evaluate_model",
     "generate",
+    "generate_and_print_sample",
     "get_config",
     "get_tokenizer",
     "init_cache",
     "init_params",
+    "load_book_state_dict",
+    "load_checkpoint",
     "load_hf_gpt2",
+    "make_mesh",
+    "make_optimizer",
+    "open_shards",
     "params_from_hf",
     "params_to_hf",
+    "prepare_shards",
+    "sample_next_token",
+    "save_book_state_dict",
     "save_hf_gpt2",
+    "shard_train_step",
     "sliding_windows",
+    "state_shardings",
     "text_to_token_ids",
     "token_ids_to_text",
+    "top_k_mask",
+    "top_p_mask",
+    "train",
+    "train_step",
+    "train_val_split",
 ]
