@@ -2,6 +2,9 @@
 
 Everything a user needs is re-exported here; params are plain pytrees and every step is a pure
 function of its inputs and an explicit ``jax.random`` key.
+
+``jaxgpt.generate`` is the generation function (its module is ``jaxgpt.generate`` in ``sys.modules``);
+``jaxgpt.train`` stays the training module, whose ``train`` is the book's ``train_model_simple``.
 """
 
 from jaxgpt.checkpoint import load_checkpoint
@@ -20,7 +23,6 @@ from jaxgpt.train import (
     evaluate_model,
     generate_and_print_sample,
     make_optimizer,
-    train,
     train_step,
 )
 from jaxgpt.weights import (
@@ -75,7 +77,6 @@ __all__ = [
     "token_ids_to_text",
     "top_k_mask",
     "top_p_mask",
-    "train",
     "train_step",
     "train_val_split",
 ]
