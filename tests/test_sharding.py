@@ -90,7 +90,12 @@ def test_mesh_training_matches_one_device(meshes, spec):
     single, sharded = np.array(meshes["single"]), np.array(meshes["losses"][spec])
     diff = np.max(np.abs(single - sharded))
     assert diff < TOL, f"{spec}: losses {sharded} vs one device {single} (max diff {diff:.2e})"
-    assert meshes["param_diff"][spec] < 1e-4, f"{spec}: params differ by {meshes['param_diff'][spec]:.2e}"
+    # Params after STEPS=2 AdamW steps at lr 1e-2 (tests/sharding_worker.py). Adam divides by
+    # sqrt(v) + eps, so for a unit whose gradient is near zero (a quiet GELU unit) a few-ulp change
+    # in the summed gradient moves its weights by a visible fraction of lr; 2% of the largest
+    # possible movement (lr * steps) still catches any real error, which moves params by ~lr.
+    bound = 0.02 * 1e-2 * 2
+    assert meshes["param_diff"][spec] < bound, f"{spec}: params differ by {meshes['param_diff'][spec]:.2e}"
 
 
 def test_params_and_optimizer_state_are_really_sharded(meshes):
