@@ -51,7 +51,7 @@ def _is_step_dir(path: Path) -> bool:
 
 def resolve(path: str | Path) -> tuple[Path, int | None]:
     """(checkpoint root, step or None for the latest) from a run dir, its checkpoints dir or a step dir."""
-    path = Path(path)
+    path = Path(path).absolute()  # orbax needs absolute paths
     if not path.exists():
         raise CheckpointError(f"checkpoint path {path} does not exist")
     if _is_step_dir(path):
@@ -65,7 +65,8 @@ class CheckpointManager:
     """Saves and restores the checkpoints of one run directory (a thin layer over orbax's)."""
 
     def __init__(self, run_dir: str | Path, keep: int | None = None, read_only: bool = False) -> None:
-        self.root = Path(run_dir) / CHECKPOINT_SUBDIR
+        # orbax's tensorstore backend accepts absolute paths only (`runs/x` fails at the first save)
+        self.root = Path(run_dir).absolute() / CHECKPOINT_SUBDIR
         self._mngr = ocp.CheckpointManager(self.root, options=_options(keep, read_only), item_names=_ITEMS)
 
     def all_steps(self) -> list[int]:

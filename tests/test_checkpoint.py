@@ -12,6 +12,7 @@ from jaxgpt.config import GPTConfig
 from jaxgpt.data import DataLoader, sliding_windows
 from jaxgpt.train import (
     Hooks,
+    Position,
     TrainConfig,
     create_train_state,
     restore_checkpoint,
@@ -152,3 +153,15 @@ def test_missing_checkpoints_are_clear_errors(tmp_path):
         load_checkpoint(tmp_path)
     with pytest.raises(CheckpointError, match="no checkpoint in"):
         restore_checkpoint(CheckpointManager(tmp_path))
+
+
+def test_relative_run_directories_save_and_load(tmp_path, monkeypatch):
+    """`python scripts/train.py` writes under the relative `runs/...`; orbax itself wants absolute paths."""
+    monkeypatch.chdir(tmp_path)
+    state, _ = create_train_state(CFG, TCFG, jax.random.PRNGKey(0), 12)
+    mngr = CheckpointManager("runs/rel", keep=1)
+    save_checkpoint(mngr, state, CFG, TCFG, Position(epoch=0, batch=0), 12)
+    cfg, params = load_checkpoint("runs/rel")
+    assert cfg == CFG and leaves_equal(params, state.params)
+    cfg, params = load_checkpoint("runs/rel/checkpoints/0")
+    assert leaves_equal(params, state.params)
