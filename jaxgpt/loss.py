@@ -146,7 +146,11 @@ def train_loss(
     rngs = {"dropout": dropout_rng(dropout_key)}
     hidden = GPTModel(cfg).apply({"params": params}, input_batch, deterministic=False, head=False, rngs=rngs)
     # hidden: (B, T, C)
-    head = params["tok_emb"]["embedding"].T if cfg.tie_embeddings else params["out_head"]["kernel"]  # (C, V)
+    if cfg.tie_embeddings:  # (C, V); bf16 matmuls on CPU need the transpose as a real copy
+        embedding = params["tok_emb"]["embedding"]
+        head = embedding.T if cfg.dtype == "float32" else _transposed(embedding)
+    else:
+        head = params["out_head"]["kernel"]  # (C, V)
     return linear_cross_entropy(hidden, head, target_batch, cfg.dtype)
 
 

@@ -281,3 +281,17 @@ def test_a_script_relaunches_once_with_the_tunables(tmp_path):
         assert "glibc.malloc.hugetlb=1" in lines[-1]
     else:
         assert lines.count("start") == 1
+
+
+def test_bf16_train_loss_with_a_tied_head_and_one_chunk_runs_and_tracks_float32():
+    """Regression: a single-chunk loss with the tied (transposed) head once hit a bf16 dot XLA's CPU lacks."""
+    cfg = GPTConfig(vocab_size=50257, context_length=16, emb_dim=64, n_heads=2, n_layers=1, drop_rate=0.0)
+    params = init_params(cfg, jax.random.key(0))
+    x = jnp.asarray(np.arange(32).reshape(2, 16) * 997 % cfg.vocab_size)
+    grad_fn = jax.jit(jax.value_and_grad(train_loss), static_argnums=1)
+    loss32, grads32 = grad_fn(params, cfg, x, x, jax.random.key(1))
+    loss16, grads16 = grad_fn(params, cfg.replace(dtype="bfloat16"), x, x, jax.random.key(1))
+    assert abs(float(loss16) - float(loss32)) < 0.05
+    g32, g16 = grads32["tok_emb"]["embedding"], grads16["tok_emb"]["embedding"]
+    assert g16.dtype == jnp.float32
+    np.testing.assert_allclose(g16, g32, atol=0.05 * float(np.abs(g32).max()))
