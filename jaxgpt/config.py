@@ -7,14 +7,36 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
+
+_C = TypeVar("_C", bound="FrozenConfig")
 
 _DTYPES = ("float32", "bfloat16")
 _REMAT_POLICIES = ("none", "full", "dots")
 
 
+class FrozenConfig:
+    """What every frozen config dataclass of jaxgpt shares: ``replace`` and a dict round trip."""
+
+    def replace(self: _C, **changes: Any) -> _C:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)  # type: ignore[type-var]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls: type[_C], d: dict[str, Any]) -> _C:
+        """Inverse of :meth:`to_dict`; unknown keys are an error naming them."""
+        known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} fields {unknown}; expected a subset of {sorted(known)}")
+        return cls(**d)
+
+
 @dataclass(frozen=True)
-class GPTConfig:
+class GPTConfig(FrozenConfig):
     """Hyper-parameters of the GPT model (the book's ``GPT_CONFIG_124M`` as a frozen dataclass).
 
     The first seven fields carry the book's names and meanings (chapter 4.1). The rest are
@@ -49,7 +71,8 @@ class GPTConfig:
             raise ValueError(f"GPTConfig.drop_rate must be in [0, 1), got {self.drop_rate!r}")
         if self.dtype not in _DTYPES:
             raise ValueError(f"GPTConfig.dtype must be one of {_DTYPES}, got {self.dtype!r}")
-        if isinstance(self.scan_unroll, bool) or not isinstance(self.scan_unroll, int) or self.scan_unroll < 1:
+        unroll = self.scan_unroll
+        if isinstance(unroll, bool) or not isinstance(unroll, int) or unroll < 1:
             raise ValueError(f"GPTConfig.scan_unroll must be a positive integer, got {self.scan_unroll!r}")
         if self.remat not in _REMAT_POLICIES:
             raise ValueError(f"GPTConfig.remat must be one of {_REMAT_POLICIES}, got {self.remat!r}")
@@ -58,22 +81,6 @@ class GPTConfig:
     def head_dim(self) -> int:
         """Width of one attention head: ``emb_dim // n_heads``."""
         return self.emb_dim // self.n_heads
-
-    def replace(self, **changes: Any) -> GPTConfig:
-        """A copy with some fields changed (validated again)."""
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> GPTConfig:
-        """Inverse of :meth:`to_dict`; unknown keys are an error naming them."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown GPTConfig fields {unknown}; expected a subset of {sorted(known)}")
-        return cls(**d)
 
 
 # The book's model sizes (chapter 4.6 and the table in 5.5). Presets follow the book's settings
@@ -91,7 +98,10 @@ PRESETS: dict[str, GPTConfig] = {
 
 
 def get_config(name: str, **overrides: Any) -> GPTConfig:
-    """The preset called ``name`` with ``overrides`` applied, e.g. ``get_config("gpt2-small", context_length=256)``."""
+    """The preset called ``name`` with ``overrides`` applied.
+
+    ``get_config("gpt2-small", context_length=256)`` is the book's ``GPT_CONFIG_124M`` for training.
+    """
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
     return PRESETS[name].replace(**overrides)

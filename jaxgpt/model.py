@@ -287,10 +287,12 @@ class GPTModel(nn.Module):
             S = cache["k"].shape[2]
             q_slot = index + jnp.arange(T)  # (T,)
             k_slot = jnp.arange(S)  # (S,)
-            positions = jnp.maximum(q_slot[None, :] - start[:, None], 0)  # (B, T): left padding shifts positions
+            # (B, T): left padding shifts a row's positions
+            positions = jnp.maximum(q_slot[None, :] - start[:, None], 0)
             causal = k_slot[None, None, :] <= q_slot[None, :, None]  # (1, T, S)
             real = k_slot[None, None, :] >= start[:, None, None]  # (B, 1, S): padding slots are not attended
-            own = k_slot[None, None, :] == q_slot[None, :, None]  # a padding query sees itself, so no row is empty
+            # a padding query sees itself, so no row of the softmax is empty
+            own = k_slot[None, None, :] == q_slot[None, :, None]
             mask = ((causal & real) | own)[:, None]  # (B, 1, T, S)
             kv = {"k": cache["k"], "v": cache["v"]}  # each (L, B, S, n_heads, head_dim)
 
@@ -335,7 +337,9 @@ def init_params(cfg: GPTConfig, key: Array) -> Params:
     return jax.jit(lambda k: GPTModel(cfg).init(k, dummy)["params"])(key)
 
 
-def init_cache(cfg: GPTConfig, batch_size: int, size: int | None = None, start: Array | None = None) -> KVCache:
+def init_cache(
+    cfg: GPTConfig, batch_size: int, size: int | None = None, start: Array | None = None
+) -> KVCache:
     """An empty key/value cache with ``size`` slots (default: context_length).
 
     ``start`` (B,) marks how many slots at the front of each row are left padding (default none).

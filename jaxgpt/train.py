@@ -36,7 +36,7 @@ import optax
 
 from jaxgpt import sharding
 from jaxgpt.checkpoint import CheckpointError, CheckpointManager
-from jaxgpt.config import GPTConfig
+from jaxgpt.config import FrozenConfig, GPTConfig
 from jaxgpt.data import DataLoader, sliding_windows, train_val_split
 from jaxgpt.generate import generate
 from jaxgpt.loss import calc_loss_batch, train_loss
@@ -48,7 +48,7 @@ Batch = tuple[Array, Array]
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(FrozenConfig):
     """Options of one training run (the book's ``OTHER_SETTINGS`` plus appendix D).
 
     One optimizer step consumes ``grad_accum`` batches of ``batch_size`` windows, so it sees
@@ -105,19 +105,6 @@ class TrainConfig:
                 f"TrainConfig.min_lr ({self.min_lr}) must not exceed learning_rate ({self.learning_rate})"
             )
 
-    def replace(self, **changes: Any) -> TrainConfig:
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown TrainConfig fields {unknown}; expected a subset of {sorted(known)}")
-        return cls(**d)
 
 
 # Training options tuned per preset; a preset not listed trains with the book's TrainConfig().

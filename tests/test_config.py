@@ -5,13 +5,24 @@ from jaxgpt.config import PRESETS, GPTConfig, get_config
 
 def test_defaults_are_the_books_124m_config():
     cfg = GPTConfig()
-    assert (cfg.vocab_size, cfg.context_length, cfg.emb_dim, cfg.n_heads, cfg.n_layers) == (50257, 1024, 768, 12, 12)
+    assert (cfg.vocab_size, cfg.context_length, cfg.emb_dim, cfg.n_heads, cfg.n_layers) == (
+        50257,
+        1024,
+        768,
+        12,
+        12,
+    )
     assert cfg.drop_rate == 0.1 and cfg.qkv_bias is False and cfg.head_dim == 64
 
 
 @pytest.mark.parametrize(
     "name, emb_dim, n_heads, n_layers",
-    [("gpt2-small", 768, 12, 12), ("gpt2-medium", 1024, 16, 24), ("gpt2-large", 1280, 20, 36), ("gpt2-xl", 1600, 25, 48)],
+    [
+        ("gpt2-small", 768, 12, 12),
+        ("gpt2-medium", 1024, 16, 24),
+        ("gpt2-large", 1280, 20, 36),
+        ("gpt2-xl", 1600, 25, 48),
+    ],
 )
 def test_presets_have_the_gpt2_sizes(name, emb_dim, n_heads, n_layers):
     cfg = PRESETS[name]
@@ -29,8 +40,18 @@ def test_config_is_frozen_and_replace_validates():
 
 @pytest.mark.parametrize(
     "field, value",
-    [("vocab_size", 0), ("context_length", -1), ("emb_dim", 0), ("n_heads", 0), ("n_layers", 1.5),
-     ("drop_rate", 1.0), ("drop_rate", -0.1), ("dtype", "float16"), ("remat", "sometimes"), ("scan_unroll", 0)],
+    [
+        ("vocab_size", 0),
+        ("context_length", -1),
+        ("emb_dim", 0),
+        ("n_heads", 0),
+        ("n_layers", 1.5),
+        ("drop_rate", 1.0),
+        ("drop_rate", -0.1),
+        ("dtype", "float16"),
+        ("remat", "sometimes"),
+        ("scan_unroll", 0),
+    ],
 )
 def test_invalid_values_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):

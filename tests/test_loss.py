@@ -20,7 +20,10 @@ def test_cross_entropy_matches_a_hand_computed_log_softmax():
 
 
 def test_uniform_logits_give_log_vocab_size():
-    assert abs(float(cross_entropy(jnp.zeros((1, 4, 50257)), jnp.zeros((1, 4), jnp.int32))) - math.log(50257)) < 1e-5
+    assert (
+        abs(float(cross_entropy(jnp.zeros((1, 4, 50257)), jnp.zeros((1, 4), jnp.int32))) - math.log(50257))
+        < 1e-5
+    )
 
 
 def test_loader_average_and_batch_cap():
@@ -30,5 +33,7 @@ def test_loader_average_and_batch_cap():
     batches = [(rng.integers(0, 50, (2, 8)), rng.integers(0, 50, (2, 8))) for _ in range(3)]
     per_batch = [float(calc_loss_batch(params, cfg, x, y)) for x, y in batches]
     assert calc_loss_loader(params, cfg, batches) == pytest.approx(np.mean(per_batch), rel=1e-6)
-    assert calc_loss_loader(params, cfg, batches, num_batches=2) == pytest.approx(np.mean(per_batch[:2]), rel=1e-6)
+    assert calc_loss_loader(params, cfg, batches, num_batches=2) == pytest.approx(
+        np.mean(per_batch[:2]), rel=1e-6
+    )
     assert math.isnan(calc_loss_loader(params, cfg, []))

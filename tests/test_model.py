@@ -8,7 +8,9 @@ import pytest
 from jaxgpt.config import GPTConfig, get_config
 from jaxgpt.model import GPTModel, LayerNorm, TransformerBlock, count_params, gelu, init_cache, init_params
 
-TINY = GPTConfig(vocab_size=97, context_length=16, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.0, qkv_bias=True)
+TINY = GPTConfig(
+    vocab_size=97, context_length=16, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.0, qkv_bias=True
+)
 
 
 def _logits(cfg, params, idx, **kw):
@@ -21,6 +23,7 @@ def tiny_params():
 
 
 # --- book figures: parameter counts (4.6) ---
+
 
 @pytest.mark.parametrize(
     "tie, qkv_bias, expected",
@@ -40,6 +43,7 @@ def test_gpt2_small_untied_size_is_621_83_mb():
 
 # --- layers against their definitions ---
 
+
 def test_layernorm_gives_zero_mean_and_unit_biased_variance():
     x = jax.random.normal(jax.random.key(1), (2, 5)) * 3.0 + 7.0  # the book's 2 x 5 example shape
     ln = LayerNorm(5)
@@ -56,7 +60,9 @@ def test_gelu_matches_the_tanh_formula_and_known_values():
     x = np.linspace(-5, 5, 101, dtype=np.float32)
     formula = 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
     np.testing.assert_allclose(np.asarray(gelu(jnp.asarray(x))), formula, atol=1e-6)
-    np.testing.assert_allclose(np.asarray(gelu(jnp.asarray(x))), np.asarray(jax.nn.gelu(x, approximate=True)), atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(gelu(jnp.asarray(x))), np.asarray(jax.nn.gelu(x, approximate=True)), atol=1e-6
+    )
     assert float(gelu(0.0)) == 0.0
     # Close to the exact x * Phi(x), and negative (not zero) for small negative inputs, unlike ReLU.
     for v in (-1.0, -0.5, 0.5, 1.0, 2.0):
@@ -86,6 +92,7 @@ def test_input_longer_than_context_is_a_clear_error(tiny_params):
 
 # --- causality ---
 
+
 def test_logits_at_t_ignore_tokens_after_t(tiny_params):
     rng = np.random.default_rng(0)
     a = rng.integers(0, TINY.vocab_size, (2, 10))
@@ -102,7 +109,10 @@ def test_gradient_of_position_t_is_zero_for_later_inputs(tiny_params):
     The head is untied here: a tied head would route gradient into every embedding row.
     """
     cfg = TINY.replace(tie_embeddings=False)
-    params = {**tiny_params, "out_head": {"kernel": jax.random.normal(jax.random.key(5), (TINY.emb_dim, TINY.vocab_size))}}
+    params = {
+        **tiny_params,
+        "out_head": {"kernel": jax.random.normal(jax.random.key(5), (TINY.emb_dim, TINY.vocab_size))},
+    }
     idx = jnp.arange(8)[None] % TINY.vocab_size
     t = 3
 
@@ -116,6 +126,7 @@ def test_gradient_of_position_t_is_zero_for_later_inputs(tiny_params):
 
 
 # --- dropout ---
+
 
 def test_dropout_only_in_training():
     cfg = TINY.replace(drop_rate=0.5)
@@ -141,6 +152,7 @@ def test_training_without_a_dropout_key_is_an_error(tiny_params):
 
 # --- tied and untied heads ---
 
+
 def test_tied_head_is_the_token_embedding_transposed(tiny_params):
     idx = np.arange(5)[None]
     untied_cfg = TINY.replace(tie_embeddings=False)
@@ -149,6 +161,7 @@ def test_tied_head_is_the_token_embedding_transposed(tiny_params):
 
 
 # --- equivalent ways to run the same model ---
+
 
 def test_cache_gives_the_same_logits_as_a_full_pass(tiny_params):
     idx = jnp.asarray(np.random.default_rng(1).integers(0, TINY.vocab_size, (2, 9)), jnp.int32)
@@ -180,10 +193,14 @@ def test_unrolled_and_rematerialised_stacks_match_the_scan(tiny_params):
         return _logits(cfg, params, idx).astype(jnp.float32).mean()
 
     base, base_grads = jax.value_and_grad(lambda p: loss(TINY, p))(tiny_params)
-    for cfg in (TINY.replace(scan_unroll=TINY.n_layers), TINY.replace(remat="full"), TINY.replace(remat="dots")):
+    for cfg in (
+        TINY.replace(scan_unroll=TINY.n_layers),
+        TINY.replace(remat="full"),
+        TINY.replace(remat="dots"),
+    ):
         value, grads = jax.value_and_grad(lambda p, cfg=cfg: loss(cfg, p))(tiny_params)
         np.testing.assert_allclose(value, base, atol=1e-6)
-        for a, b in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(base_grads)):
+        for a, b in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(base_grads), strict=True):
             np.testing.assert_allclose(a, b, atol=1e-6)
 
 
@@ -195,7 +212,7 @@ def test_same_logits_with_and_without_jit(tiny_params):
 
 
 def test_post_ln_block_normalises_its_output():
-    """With norm_first=False each block ends in a LayerNorm, so (unit scale, zero shift) rows are standardised."""
+    """norm_first=False: each block ends in a LayerNorm, so its output rows are standardised."""
     cfg = TINY.replace(norm_first=False)
     x = jax.random.normal(jax.random.key(4), (1, 5, cfg.emb_dim)) * 4.0
     mask = jnp.tril(jnp.ones((5, 5), bool))[None, None]
@@ -203,5 +220,7 @@ def test_post_ln_block_normalises_its_output():
     out, _ = block.apply(block.init(jax.random.key(0), x, None, mask, None), x, None, mask, None)
     np.testing.assert_allclose(np.asarray(out).mean(-1), 0.0, atol=1e-5)
     np.testing.assert_allclose(np.asarray(out).var(-1), 1.0, rtol=1e-3)
-    pre, _ = TransformerBlock(TINY).apply(block.init(jax.random.key(0), x, None, mask, None), x, None, mask, None)
+    pre, _ = TransformerBlock(TINY).apply(
+        block.init(jax.random.key(0), x, None, mask, None), x, None, mask, None
+    )
     assert np.abs(np.asarray(pre).var(-1) - 1.0).max() > 0.1  # Pre-LN leaves the residual stream unnormalised
