@@ -3,6 +3,7 @@
     python scripts/bench.py train                 # gpt2-small, context 256, batch 8, fp32, AdamW
     python scripts/bench.py train --dtype bfloat16 --json
     python scripts/bench.py generate ...          # greedy decode (scripts/bench_generate.py)
+    python scripts/bench.py scale mesh|stream ... # sharded steps, streaming shards (scripts/bench_scale.py)
 
 ``train`` times the library's real train step (compile separately, then the median step after a
 warm-up), measures this machine's own matmul rate in the same run, and reports the fraction of it
@@ -539,6 +540,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "generate", help="greedy decode throughput (see scripts/bench_generate.py --help)", add_help=False
     )
+    sub.add_parser(
+        "scale",
+        help="sharded train steps and shard streaming (see scripts/bench_scale.py --help)",
+        add_help=False,
+    )
     return p
 
 
@@ -548,6 +554,9 @@ def main(argv: list[str] | None = None) -> int:
         spec = json.loads(argv[1])
         print(json.dumps(torch_reference(**spec)))
         return 0
+    if argv[:1] == ["scale"]:  # its own process: it sets XLA_FLAGS before JAX starts
+        script = str(ROOT / "scripts" / "bench_scale.py")
+        os.execv(sys.executable, [sys.executable, script, *argv[1:]])
     relaunch_with_fast_allocator()  # no-op once applied, or with JAXGPT_NO_RELAUNCH=1
     if argv[:1] == ["generate"]:
         return cmd_generate(argv[1:])
