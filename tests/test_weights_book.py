@@ -52,8 +52,8 @@ IDS = np.random.default_rng(0).integers(0, BOOK_CFG["vocab_size"], (2, 11))
 
 @pytest.mark.parametrize("qkv_bias", [False, True])
 def test_imported_book_model_gives_the_same_logits_and_greedy_ids(qkv_bias):
-    import torch
-    from llms_from_scratch.ch04 import generate_text_simple
+    torch = pytest.importorskip("torch")
+    generate_text_simple = pytest.importorskip("llms_from_scratch.ch04").generate_text_simple
 
     model = _book_model(qkv_bias)
     cfg, params = load_book_state_dict(model.state_dict(), cfg=_cfg(qkv_bias).replace(tie_embeddings=True))
@@ -68,7 +68,7 @@ def test_imported_book_model_gives_the_same_logits_and_greedy_ids(qkv_bias):
 
 
 def test_pth_files_and_the_books_checkpoint_dict_load_the_same_params(tmp_path):
-    import torch
+    torch = pytest.importorskip("torch")
 
     model = _book_model(True)
     _, from_dict = load_book_state_dict(model.state_dict(), cfg=_cfg(True))
@@ -84,8 +84,8 @@ def test_pth_files_and_the_books_checkpoint_dict_load_the_same_params(tmp_path):
 
 @pytest.mark.parametrize("qkv_bias", [False, True])
 def test_exported_state_dict_loads_strictly_into_the_book_model(tmp_path, qkv_bias):
-    import torch
-    from llms_from_scratch.ch04 import GPTModel as BookGPTModel
+    torch = pytest.importorskip("torch")
+    BookGPTModel = pytest.importorskip("llms_from_scratch.ch04").GPTModel
 
     cfg = _cfg(qkv_bias)
     params = init_params(cfg, jax.random.key(5))
@@ -97,7 +97,7 @@ def test_exported_state_dict_loads_strictly_into_the_book_model(tmp_path, qkv_bi
 
 def test_book_weights_saved_as_hugging_face_give_the_book_logits(tmp_path):
     transformers = pytest.importorskip("transformers")
-    import torch
+    torch = pytest.importorskip("torch")
 
     model = _book_model(False)
     cfg, params = load_book_state_dict(model.state_dict(), cfg=_cfg(False))
