@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -12,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from scripts_loader import load_script
 
 from jaxgpt.config import GPTConfig
 from jaxgpt.model import GPTModel, init_params
@@ -24,15 +24,7 @@ CFG = GPTConfig(vocab_size=50257, context_length=16, emb_dim=16, n_heads=2, n_la
 PROMPT = "Every effort moves you"
 
 
-def _load_script(name: str):
-    sys.path.insert(0, str(ROOT / "scripts"))
-    spec = importlib.util.spec_from_file_location(f"_cli_{name}", ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-generate_cli, convert_cli = _load_script("generate"), _load_script("convert")
+generate_cli, convert_cli = load_script("generate"), load_script("convert")
 
 
 @pytest.fixture(scope="module")

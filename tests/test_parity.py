@@ -8,13 +8,13 @@ compared with itself.
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
+from scripts_loader import load_script
 
 from jaxgpt.generate import generate
 from jaxgpt.loss import cross_entropy
@@ -113,9 +113,7 @@ def test_reference_regenerates_identically(tmp_path, ref):
     """Rebuilding the reference in process gives the committed fixture, so it cannot drift."""
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
-    spec = importlib.util.spec_from_file_location("make_reference", ROOT / "scripts" / "make_reference.py")
-    make_reference = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(make_reference)
+    make_reference = load_script("make_reference")
 
     fresh = make_reference.build_reference(tmp_path)
     assert sorted(fresh) == sorted(ref)

@@ -1,10 +1,10 @@
 """scripts/train.py with the scale-out options: a prepared shard directory as --data, --mesh errors."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+from scripts_loader import load_script
 
 from jaxgpt.data import default_corpus
 from jaxgpt.shards import prepare_shards
@@ -13,14 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "train.py"
 
 
-def _load_cli():
-    spec = importlib.util.spec_from_file_location("train_cli_scale", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-cli = _load_cli()
+cli = load_script("train")
 
 TINY = ["--context-length", "16", "--set", "emb_dim=16", "--set", "n_heads=2", "--set", "n_layers=1",
         "--batch-size", "4", "--eval-freq", "3", "--eval-iter", "2", "--max-steps", "4", "--save-every", "2",

@@ -1,6 +1,5 @@
 """scripts/train.py: output files, Ctrl-C then --resume, and a clear error for each bad input."""
 
-import importlib.util
 import json
 import os
 import shutil
@@ -12,6 +11,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from scripts_loader import load_script
 
 from jaxgpt.checkpoint import load_checkpoint
 from jaxgpt.data import default_corpus
@@ -20,14 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "train.py"
 
 
-def _load_cli():
-    spec = importlib.util.spec_from_file_location("train_cli", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-cli = _load_cli()
+cli = load_script("train")
 
 # A tiny model (GPT-2's vocabulary, 16 wide, 1 layer) on ~6k tokens: a few seconds of training.
 TINY = ["--context-length", "16", "--set", "emb_dim=16", "--set", "n_heads=2", "--set", "n_layers=1",
