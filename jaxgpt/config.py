@@ -55,7 +55,9 @@ class GPTConfig(FrozenConfig):
     tie_embeddings: bool = True  # logits head shares the token embedding (GPT-2); False = book's out_head
     norm_first: bool = True  # Pre-LN blocks as in GPT-2; False = the original Transformer's Post-LN
     dtype: str = "float32"  # compute dtype of matmuls; params and optimizer stay float32
-    remat: str = "none"  # rematerialise each block in the backward pass: none | full | dots
+    # recompute in the backward pass instead of storing: none | full (each block) | dots (keep the
+    # matmul outputs, recompute the elementwise work: the fastest bfloat16 setting on CPU)
+    remat: str = "none"
     scan_unroll: int = 1  # layers per step of the scan over blocks (n_layers = fully unrolled)
 
     def __post_init__(self) -> None:

@@ -121,11 +121,13 @@ def linear_cross_entropy(
 
 
 def dropout_rng(key: Array) -> Array:
-    """A key for dropout masks, derived from ``key``, whose bits come from XLA's RngBitGenerator.
+    """The key the model's dropout gets, derived from ``key`` in JAX's "rbg" implementation.
 
-    Threefry keys draw dropout masks through a long chain of integer ops that XLA compiles anew at
-    every dropout site (about 2.6 s of the train step's compile time on CPU); an "rbg" key draws them
-    with one RngBitGenerator op each. Same key in, same masks out, so training stays reproducible.
+    Flax derives one key per layer and dropout site from it (``split`` / ``fold_in``); with an
+    "rbg" key each derivation is one small RngBitGenerator op, where threefry's is a chain of
+    integer ops that XLA compiles anew at every site (seconds of the train step's compile time on
+    CPU). The masks themselves come from :func:`jaxgpt.model.keep_mask`. Same key in, same masks
+    out, so training stays reproducible.
     """
     if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
         key = jax.random.key_data(key)

@@ -151,6 +151,7 @@ def bench_jaxgpt_train(args) -> dict:
         dtype=args.dtype,
         remat=args.remat,
         drop_rate=args.drop_rate,
+        scan_unroll=args.scan_unroll,
     )
     B, T = args.batch_size, cfg.context_length
     rng = np.random.default_rng(0)
@@ -515,6 +516,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="none",
         choices=["none", "full", "dots"],
         help="rematerialise each block in the backward pass (default none)",
+    )
+    t.add_argument(
+        "--scan-unroll",
+        type=int,
+        default=1,
+        help="layers per iteration of the scanned block stack (GPTConfig.scan_unroll; default 1)",
     )
     t.add_argument("--drop-rate", type=float, default=0.1, help="dropout rate (default 0.1, the book's)")
     t.add_argument(

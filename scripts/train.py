@@ -73,7 +73,7 @@ TRAIN_FLAGS = {
     "seed": "seed",
     "sample_tokens": "sample_tokens",
 }
-RUN_FLAGS = ("preset", "data", "context_length", "dtype", "set", "save_every", "keep", "out")
+RUN_FLAGS = ("preset", "data", "context_length", "dtype", "remat", "set", "save_every", "keep", "out")
 
 
 class UsageError(ValueError):
@@ -118,7 +118,19 @@ def build_parser() -> argparse.ArgumentParser:
     a("--warmup-steps", type=int, help="linear warmup steps from 0 to --lr (default: preset)")
     a("--grad-clip", type=float, help="clip gradients to this global L2 norm (default: off)")
     a("--grad-accum", type=int, help="microbatches averaged per optimizer step (default: 1)")
-    a("--dtype", choices=["float32", "bfloat16"], help="compute dtype of the matmuls (default: float32)")
+    a(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        help="compute dtype of the matmuls; params and AdamW state stay float32 (default: float32). "
+        "On a CPU, bfloat16 runs fastest with --remat dots",
+    )
+    a(
+        "--remat",
+        choices=["none", "full", "dots"],
+        help="recompute in the backward pass instead of storing: none; full (each block, least memory: "
+        "gpt2-small at context 1024); dots (keep matmul outputs, recompute the elementwise work) "
+        "(default: none)",
+    )
     a("--eval-freq", type=int, help="evaluate after step 1 and every this many steps (default: preset)")
     a("--eval-iter", type=int, help="batches per split in each evaluation (default: preset)")
     a(
@@ -266,6 +278,8 @@ def setup(args: argparse.Namespace) -> dict[str, Any]:
     overrides = _parse_overrides(args.set)
     if args.dtype is not None:
         overrides["dtype"] = args.dtype
+    if args.remat is not None:
+        overrides["remat"] = args.remat
     if args.context_length is not None:
         if not 0 < args.context_length <= preset_cfg.context_length:
             raise UsageError(
