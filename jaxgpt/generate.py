@@ -38,7 +38,6 @@ from jaxgpt.model import GPTModel, KVCache, LayerNorm, Params, TransformerBlock,
 Array = jax.Array
 
 
-
 # ----------------------------------------------------------------------------- sampling helpers
 
 
@@ -200,9 +199,7 @@ def _decode_step(
 
 @functools.partial(
     jax.jit,
-    static_argnames=(
-        "cfg", "max_new_tokens", "greedy", "top_k", "use_top_p", "eos_id", "callback"
-    ),
+    static_argnames=("cfg", "max_new_tokens", "greedy", "top_k", "use_top_p", "eos_id", "callback"),
 )
 def _generate_padded(
     params: Params,

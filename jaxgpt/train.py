@@ -106,7 +106,6 @@ class TrainConfig(FrozenConfig):
             )
 
 
-
 # Training options tuned per preset; a preset not listed trains with the book's TrainConfig().
 # quickstart: the best validation loss we found for a few minutes on 2 CPU cores (a sweep over
 # width, depth, batch and learning rate at that token budget: constant 1e-3 beat 4e-4 and cosine

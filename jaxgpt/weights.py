@@ -523,8 +523,7 @@ def book_config_from_state(
             )
         return GPTConfig(n_heads=heads.pop(), tie_embeddings=False, **inferred)
     wrong = [
-        f"{k}: cfg {getattr(cfg, k)!r}, tensors {v!r}"
-        for k, v in inferred.items() if getattr(cfg, k) != v
+        f"{k}: cfg {getattr(cfg, k)!r}, tensors {v!r}" for k, v in inferred.items() if getattr(cfg, k) != v
     ]
     if wrong:
         raise ValueError("cfg does not match the state dict: " + "; ".join(wrong))

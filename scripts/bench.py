@@ -450,7 +450,8 @@ def _print_jaxgpt(r: dict) -> None:
     )
     print(f"  peak_rss_mb        {r['peak_rss_mb']:.0f}")
     print(
-        f"  model FLOPs/token  {r['model_flops_per_token'] / 1e9:.3f} GFLOP (6N + 12 L C T, N={r['n_params']:,})"
+        f"  model FLOPs/token  {r['model_flops_per_token'] / 1e9:.3f} GFLOP "
+        f"(6N + 12 L C T, N={r['n_params']:,})"
     )
     print(f"  achieved           {r['achieved_gflops']:.1f} GFLOP/s")
     if "matmul_gflops" in r:
@@ -458,7 +459,8 @@ def _print_jaxgpt(r: dict) -> None:
         print(f"  fraction_of_matmul_peak {r['fraction_of_matmul_peak']:.2f}")
     if "matmul_gflops_bf16" in r:
         print(
-            f"  matmul_gflops_bf16 {r['matmul_gflops_bf16']:.1f}  fraction {r['fraction_of_bf16_matmul_peak']:.2f}"
+            f"  matmul_gflops_bf16 {r['matmul_gflops_bf16']:.1f}  "
+            f"fraction {r['fraction_of_bf16_matmul_peak']:.2f}"
         )
     if "mfu" in r:
         print(f"  mfu                {r['mfu']:.3f} of {r['chip_bf16_peak_tflops']:.0f} TFLOP/s bf16 peak")
@@ -471,7 +473,8 @@ def _print_ref(r: dict) -> None:
     else:
         print(
             f"  reference {r['name']:<22} {r['tokens_per_s']:7.1f} tok/s  step {r['step_ms']:.0f} ms  "
-            f"rss {r['peak_rss_mb']:.0f} MB  CPU s/step {r['cpu_user_s_per_step'] + r['cpu_sys_s_per_step']:.1f} "
+            f"rss {r['peak_rss_mb']:.0f} MB  "
+            f"CPU s/step {r['cpu_user_s_per_step'] + r['cpu_sys_s_per_step']:.1f} "
             f"(sys {r['cpu_sys_s_per_step']:.1f})   jaxgpt ratio {r['ratio']:.2f}x"
         )
 

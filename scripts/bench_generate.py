@@ -46,6 +46,7 @@ def bench_jaxgpt(cfg, params, prompt_ids: list[int], batch_size: int, new_tokens
     import numpy as np
 
     from jaxgpt.generate import generate
+
     ids = np.tile(np.asarray(prompt_ids, np.int32)[None], (batch_size, 1))  # (B, T)
 
     def run():
