@@ -507,7 +507,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--steps", type=int, default=4, help="timed steps after warm-up; the median is reported (default 4)"
     )
-    t.add_argument("--warmup", type=int, default=1, help="untimed steps after compiling (default 1)")
+    t.add_argument(
+        "--warmup",
+        type=int,
+        default=3,
+        help="untimed steps after compiling (default 3: under the launcher's allocator settings the "
+        "heap still grows once or twice in the first steps, and first-touching new memory is slow)",
+    )
     t.add_argument(
         "--dtype",
         default="float32",

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # One-shot GPU training benchmark (issue 7): gpt2-small, context 1024, bf16, the largest batch that fits.
 #
-#   bash scripts/gpu_bench.sh            # on a fresh machine with one NVIDIA GPU and PyPI access
+#   bash scripts/gpu_bench.sh            # on a machine with one NVIDIA GPU
 #
-# Installs jaxgpt with JAX's CUDA 12 wheels (all from PyPI) into /tmp/jaxgpt-gpuvenv, then tries batch sizes
+# Uses the system python3 as it is when it already has JAX with a GPU and jaxgpt's dependencies
+# (run from the checkout, PYTHONPATH=.; nothing is installed: such machines may have no PyPI).
+# Otherwise installs jaxgpt with JAX's CUDA 12 wheels (from PyPI) into /tmp/jaxgpt-gpuvenv. Then tries batch sizes
 # from large to small and reports tokens/s and MFU (model FLOPs / the chip's dense bf16 peak) of the
 # first that fits. Dropout is off (as in GPT-2 reproductions such as llm.c), so attention runs as
 # cuDNN flash attention; the loss is the chunked one (jaxgpt.loss.train_loss), so the logits of the
@@ -16,13 +18,19 @@ mkdir -p "$OUT_DIR"
 START=$(date +%s)
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-VENV="${VENV:-/tmp/jaxgpt-gpuvenv}"
-if [ ! -x "$VENV/bin/python" ]; then
-  python3 -m venv "$VENV" || { echo "python3 -m venv failed"; exit 1; }
+if PYTHONPATH=. python3 -c "import jax, flax, optax, orbax.checkpoint, jaxgpt; assert jax.devices('gpu')" 2>/dev/null; then
+  PY=python3
+  export PYTHONPATH=.
+  echo "using the system python3 (JAX with a GPU already installed)"
+else
+  VENV="${VENV:-/tmp/jaxgpt-gpuvenv}"
+  if [ ! -x "$VENV/bin/python" ]; then
+    python3 -m venv "$VENV" || { echo "python3 -m venv failed"; exit 1; }
+  fi
+  PY="$VENV/bin/python"
+  $PY -m pip install -q --upgrade pip >/dev/null 2>&1
+  $PY -m pip install -q -e . "jax[cuda12]" || { echo "pip install failed"; exit 1; }
 fi
-PY="$VENV/bin/python"
-$PY -m pip install -q --upgrade pip >/dev/null 2>&1
-$PY -m pip install -q -e . "jax[cuda12]" || { echo "pip install failed"; exit 1; }
 $PY -c "import jax; print('jax', jax.__version__, jax.devices())" || exit 1
 echo "install took $(( $(date +%s) - START )) s"
 
