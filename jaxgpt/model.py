@@ -141,10 +141,15 @@ def keep_mask(key: Array, shape: tuple[int, ...], keep_prob: float) -> Array:
     ~6M masks of one gpt2-small attention dropout in 2 ms, where ``jax.random.bernoulli`` takes
     35 ms (threefry) to 60 ms (rbg): XLA expands those generators into long integer programs.
     """
+    shape = tuple(shape)
+    if not shape:
+        return keep_mask(key, (1,), keep_prob).reshape(())
+    rest = math.prod(shape[1:])  # positions within one leading index
+    if rest >= 2**32:
+        raise ValueError(f"keep_mask counts positions in uint32: {shape[1:]} has {rest} >= 2**32 elements")
     words = jax.random.key_data(key).reshape(-1).astype(jnp.uint32)  # 2 (threefry) or 4 (rbg) words
     k0, k1 = words[0], words[-1]
     lead = jax.lax.broadcasted_iota(jnp.uint32, shape, 0)  # the leading index (batch)
-    rest = math.prod(shape[1:])  # positions within one leading index: far below 2**32
     counter = jax.lax.iota(jnp.uint32, rest).reshape((1,) + tuple(shape[1:]))
     bits = _mix32(_mix32(counter ^ k0) ^ (lead * jnp.uint32(0x9E3779B9) + k1))
     threshold = min(round(keep_prob * 2**32), 2**32 - 1)  # P(bits < threshold) = keep_prob

@@ -186,6 +186,14 @@ def test_keep_mask_is_a_deterministic_function_of_the_key():
             assert 0.45 < (masks[i] == masks[j]).mean() < 0.55
 
 
+def test_keep_mask_shapes():
+    key = jax.random.key(0)
+    assert keep_mask(key, (), 0.5).shape == ()
+    assert keep_mask(key, (7,), 0.5).shape == (7,)
+    with pytest.raises(ValueError, match="2\\*\\*32"):
+        keep_mask(key, (1, 2**16, 2**16), 0.5)
+
+
 def test_dropout_module_is_torch_style_inverted_dropout():
     x = jnp.arange(1, 20_001, dtype=jnp.float32).reshape(2, 10_000)
     key = {"dropout": jax.random.key(0)}
