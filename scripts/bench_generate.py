@@ -13,6 +13,12 @@ timed calls. Hugging Face runs in the same process afterwards with ``torch.set_n
 equal to the cores JAX uses (or ``--threads``); the ratio is jaxgpt tokens/s over Hugging Face
 tokens/s. CPU seconds per call (all threads) are printed beside wall time, and the load average
 before and after, because wall-clock figures on a shared machine move with the load.
+
+At batch 1 a decode step reads every weight once and does little else, so its ceiling is the
+rate at which this machine streams weights through a matrix-vector product. The bench measures
+that rate in the same run (a 512 MB float32 ``x @ W`` with x of one row, the decode's own
+operation, or a plain read of W if that is faster) and reports the bound, bandwidth / weight
+bytes per token, and the fraction of it that B=1 decoding reaches.
 """
 
 from __future__ import annotations
@@ -39,6 +45,28 @@ def _median_time(fn, repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def _weight_stream_gb_per_s(repeats: int = 5) -> float:
+    """Best rate, in GB/s, at which the default device reads a 512 MB float32 matrix W (K, N).
+
+    The faster of ``x (1, K) @ W`` (what decoding does) and the column sums of W (a plain
+    streaming read), so the bound derived from it is never the looser one.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    K, N = 4096, 32768
+    w = jax.random.normal(jax.random.key(0), (K, N), jnp.float32)
+    x = jax.random.normal(jax.random.key(1), (1, K), jnp.float32)
+    best = float("inf")
+    for fn, args in ((jax.jit(jnp.dot), (x, w)), (jax.jit(lambda w: w.sum(axis=0)), (w,))):
+        fn(*args).block_until_ready()
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn(*args).block_until_ready()
+            best = min(best, time.perf_counter() - t0)
+    return w.nbytes / best / 1e9
 
 
 def bench_jaxgpt(cfg, params, prompt_ids: list[int], batch_size: int, new_tokens: int, repeats: int) -> dict:
@@ -137,9 +165,10 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("bench_generate.py: --new-tokens, --repeats and every batch size must be positive")
 
     import jax
+    import jax.numpy as jnp
 
     from jaxgpt.config import get_config
-    from jaxgpt.model import init_params
+    from jaxgpt.model import count_params, init_params
     from jaxgpt.tokenizer import get_tokenizer
 
     # GPT-2's own layout (qkv bias, tied head), as Hugging Face builds it
@@ -159,14 +188,31 @@ def main(argv: list[str] | None = None) -> int:
         "jaxgpt": [],
         "hf": [],
     }
+    # bytes of weights one decode step reads: every matrix and vector, the token table as the head;
+    # of the position table only one row
+    n_read = count_params(params) - (cfg.context_length - 1) * cfg.emb_dim
+    weight_bytes = n_read * jnp.dtype(cfg.dtype).itemsize
+    bandwidth = _weight_stream_gb_per_s()
+    result["weight_bytes_per_token"] = weight_bytes
+    result["weight_stream_gb_per_s"] = round(bandwidth, 2)
+    result["bound_tokens_per_s_b1"] = round(bandwidth * 1e9 / weight_bytes, 1)
+    if not args.json:
+        print(
+            f"weights read per token {weight_bytes / 1e6:.0f} MB; they stream at {bandwidth:.1f} GB/s here, "
+            f"so B=1 can reach at most {result['bound_tokens_per_s_b1']:.1f} tok/s",
+            flush=True,
+        )
     for b in batch_sizes:
         r = bench_jaxgpt(cfg, params, prompt_ids, b, args.new_tokens, args.repeats)
+        if b == 1:
+            r["fraction_of_bound"] = round(r["tokens_per_s"] / result["bound_tokens_per_s_b1"], 3)
         result["jaxgpt"].append(r)
         if not args.json:
             print(
                 f"jaxgpt           B={b:<3} {r['tokens_per_s']:8.1f} tok/s  "
                 f"({r['run_s']:.2f} s, {r['run_cpu_s']:.2f} CPU s per call)  "
-                f"compile {r['compile_s']:.1f} s ({r['compile_cpu_s']:.1f} CPU s)",
+                f"compile {r['compile_s']:.1f} s ({r['compile_cpu_s']:.1f} CPU s)"
+                + (f"  {r['fraction_of_bound']:.0%} of the bound" if "fraction_of_bound" in r else ""),
                 flush=True,
             )
     if not args.no_hf:
