@@ -247,67 +247,49 @@ def bench_jaxgpt_train(args) -> dict:
 
 def torch_reference(
     impl: str,
-    preset_dims: dict,
+    model_cfg: dict,
     batch_size: int,
-    context_length: int,
     steps: int,
     warmup: int,
-    drop_rate: float,
     autocast_bf16: bool,
     threads: int,
     lr: float,
 ) -> dict:
-    """One training loop of a PyTorch GPT-2 (runs in a child process; returns its figures)."""
+    """One training loop of a PyTorch GPT-2 (runs in a child process; returns its figures).
+
+    ``model_cfg`` is the benchmarked ``GPTConfig`` as a dict: both references are built from it.
+    """
     import torch
     import torch.nn.functional as F
 
+    from jaxgpt.config import GPTConfig
+
     torch.manual_seed(0)
     torch.set_num_threads(threads)
-    C, L, H, V = (
-        preset_dims["emb_dim"],
-        preset_dims["n_layers"],
-        preset_dims["n_heads"],
-        preset_dims["vocab_size"],
-    )
+    cfg = GPTConfig.from_dict(model_cfg)
+    V, T = cfg.vocab_size, cfg.context_length
     if impl == "hf":
         from transformers import GPT2Config, GPT2LMHeadModel
 
-        hf_cfg = GPT2Config(
-            vocab_size=V,
-            n_positions=context_length,
-            n_embd=C,
-            n_layer=L,
-            n_head=H,
-            resid_pdrop=drop_rate,
-            embd_pdrop=drop_rate,
-            attn_pdrop=drop_rate,
-        )
-        model = GPT2LMHeadModel(hf_cfg)
+        from jaxgpt.weights import hf_config_from_gpt
+
+        model = GPT2LMHeadModel(GPT2Config(**hf_config_from_gpt(cfg)))
 
         def forward(x):
             return model(input_ids=x).logits
     elif impl == "book":
         from llms_from_scratch.ch04 import GPTModel
 
-        model = GPTModel(
-            {
-                "vocab_size": V,
-                "context_length": context_length,
-                "emb_dim": C,
-                "n_heads": H,
-                "n_layers": L,
-                "drop_rate": drop_rate,
-                "qkv_bias": False,
-            }
-        )
+        keys = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "drop_rate", "qkv_bias")
+        model = GPTModel({k: getattr(cfg, k) for k in keys})  # the book's GPT_CONFIG dict
         forward = model
     else:
         raise ValueError(f"unknown reference {impl!r}; expected 'hf' or 'book'")
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
     g = torch.Generator().manual_seed(0)
-    x = torch.randint(0, V, (batch_size, context_length), generator=g)
-    y = torch.randint(0, V, (batch_size, context_length), generator=g)
+    x = torch.randint(0, V, (batch_size, T), generator=g)
+    y = torch.randint(0, V, (batch_size, T), generator=g)
 
     def step():  # the book's train_model_simple inner loop
         optimizer.zero_grad()
@@ -332,7 +314,7 @@ def torch_reference(
         "cpu_user_s_per_step": (u1[0] - u0[0]) / steps,
         "cpu_sys_s_per_step": (u1[1] - u0[1]) / steps,
         "page_faults_per_step": (u1[2] - u0[2]) / steps,
-        "tokens_per_s": batch_size * context_length / step_s,
+        "tokens_per_s": batch_size * T / step_s,
         "step_ms": 1000 * step_s,
         "step_ms_all": [round(1000 * t, 1) for t in times],
         "peak_rss_mb": _peak_rss_mb(),
@@ -344,15 +326,13 @@ def torch_reference(
 def _run_reference(name: str, impl: str, env: dict[str, str], args, autocast_bf16: bool) -> dict:
     from jaxgpt.config import get_config
 
-    cfg = get_config(args.preset)
+    cfg = get_config(args.preset, context_length=args.context_length, drop_rate=args.drop_rate)
     spec = {
         "impl": impl,
-        "preset_dims": {k: getattr(cfg, k) for k in ("emb_dim", "n_layers", "n_heads", "vocab_size")},
+        "model_cfg": cfg.to_dict(),
         "batch_size": args.batch_size,
-        "context_length": args.context_length,
         "steps": args.ref_steps,
         "warmup": 1,
-        "drop_rate": args.drop_rate,
         "autocast_bf16": autocast_bf16,
         "threads": args.threads,
         "lr": args.lr,
