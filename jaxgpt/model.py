@@ -150,7 +150,7 @@ def keep_mask(key: Array, shape: tuple[int, ...], keep_prob: float) -> Array:
     words = jax.random.key_data(key).reshape(-1).astype(jnp.uint32)  # 2 (threefry) or 4 (rbg) words
     k0, k1 = words[0], words[-1]
     lead = jax.lax.broadcasted_iota(jnp.uint32, shape, 0)  # the leading index (batch)
-    counter = jax.lax.iota(jnp.uint32, rest).reshape((1,) + tuple(shape[1:]))
+    counter = jax.lax.iota(jnp.uint32, rest).reshape((1,) + shape[1:])
     bits = _mix32(_mix32(counter ^ k0) ^ (lead * jnp.uint32(0x9E3779B9) + k1))
     threshold = min(round(keep_prob * 2**32), 2**32 - 1)  # P(bits < threshold) = keep_prob
     return bits < jnp.uint32(threshold)
