@@ -59,6 +59,10 @@ class GPTConfig(FrozenConfig):
     # matmul outputs, recompute the elementwise work: the fastest bfloat16 setting on CPU)
     remat: str = "none"
     scan_unroll: int = 1  # layers per step of the scan over blocks (n_layers = fully unrolled)
+    # round the embedding table and the logits head up to a multiple of this many rows (64: 50304
+    # for GPT-2, nanoGPT's GPU-friendly size). The extra rows are zero, their logits are never
+    # seen (sliced off, or -inf in the loss), and exported weights drop them: results are unchanged.
+    vocab_pad_multiple: int = 1
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
@@ -76,6 +80,11 @@ class GPTConfig(FrozenConfig):
         unroll = self.scan_unroll
         if isinstance(unroll, bool) or not isinstance(unroll, int) or unroll < 1:
             raise ValueError(f"GPTConfig.scan_unroll must be a positive integer, got {self.scan_unroll!r}")
+        pad = self.vocab_pad_multiple
+        if isinstance(pad, bool) or not isinstance(pad, int) or pad < 1:
+            raise ValueError(
+                f"GPTConfig.vocab_pad_multiple must be a positive integer (1 = no padding), got {pad!r}"
+            )
         if self.remat not in _REMAT_POLICIES:
             raise ValueError(f"GPTConfig.remat must be one of {_REMAT_POLICIES}, got {self.remat!r}")
 
@@ -83,6 +92,13 @@ class GPTConfig(FrozenConfig):
     def head_dim(self) -> int:
         """Width of one attention head: ``emb_dim // n_heads``."""
         return self.emb_dim // self.n_heads
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Rows of the embedding table (and columns of the head): ``vocab_size`` rounded up to a
+        multiple of ``vocab_pad_multiple``; the logits the model returns are ``vocab_size`` wide."""
+        m = self.vocab_pad_multiple
+        return -(-self.vocab_size // m) * m
 
 
 # The book's model sizes (chapter 4.6 and the table in 5.5). Presets follow the book's settings

@@ -34,6 +34,7 @@ import numpy as np
 
 from jaxgpt.config import GPTConfig
 from jaxgpt.model import GPTModel, KVCache, LayerNorm, Params, TransformerBlock, init_cache, matmul
+from jaxgpt.xla import compiler_options
 
 Array = jax.Array
 
@@ -194,13 +195,9 @@ def _decode_step(
         x, kv = TransformerBlock(cfg).apply({"params": layer}, x, kv, mask, index)
         new_kvs.append(kv)
     x = LayerNorm(cfg.emb_dim).apply({"params": params["final_norm"]}, x)[:, 0]  # (B, C)
-    return matmul(x, head, cfg.dtype), new_kvs  # (B, V)
+    return matmul(x, head, cfg.dtype)[:, : cfg.vocab_size], new_kvs  # (B, V): no padding's logits
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=("cfg", "max_new_tokens", "greedy", "top_k", "use_top_p", "eos_id", "callback"),
-)
 def _generate_padded(
     params: Params,
     prompt: Array,
@@ -281,6 +278,16 @@ def _generate_padded(
     return buffer[:, T:]
 
 
+@functools.cache
+def _jitted_generate(backend: str) -> Callable[..., Array]:
+    """:func:`_generate_padded` jitted for ``backend`` (see :func:`jaxgpt.xla.compiler_options`)."""
+    return jax.jit(
+        _generate_padded,
+        static_argnames=("cfg", "max_new_tokens", "greedy", "top_k", "use_top_p", "eos_id", "callback"),
+        compiler_options=compiler_options(backend),
+    )
+
+
 def _as_prompts(ids: Any, vocab_size: int) -> tuple[list[np.ndarray], bool]:
     """(B, T) array or a list of token-id sequences -> list of 1-D int32 rows, and whether it was ragged."""
     ragged = isinstance(ids, (list, tuple)) and len(ids) > 0 and not np.isscalar(ids[0])
@@ -357,7 +364,7 @@ def generate(
         for i, row in enumerate(cropped):
             prompt[i, start[i] :] = row
         use_top_p = top_p is not None and top_p < 1.0
-        new = _generate_padded(
+        new = _jitted_generate(jax.default_backend())(
             params,
             jnp.asarray(prompt),
             jnp.asarray(start),

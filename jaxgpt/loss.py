@@ -46,11 +46,20 @@ def _mm(a: Array, b: Array, dtype: str) -> Array:
 
 
 def _chunked_loss_and_grads(
-    x: Array, head: Array, head_t: Array, targets: Array, dtype: str, chunk_rows: int, with_grads: bool
+    x: Array,
+    head: Array,
+    head_t: Array,
+    targets: Array,
+    dtype: str,
+    chunk_rows: int,
+    vocab_size: int,
+    with_grads: bool,
 ) -> tuple[Array, Array | None, Array | None]:
     """Mean cross-entropy of ``targets`` (N,) under logits ``x @ head``; x (N, C), head (C, V), head_t (V, C).
 
-    With ``with_grads`` also d loss / d x (N, C) and d loss / d head (C, V), both float32.
+    Columns of ``head`` from ``vocab_size`` on are padding: their logits are -inf (probability
+    0, gradient 0). With ``with_grads`` also d loss / d x (N, C) and d loss / d head (C, V), both
+    float32.
     """
     N, C = x.shape
     n_chunks = -(-N // chunk_rows)
@@ -62,6 +71,8 @@ def _chunked_loss_and_grads(
     def one_chunk(dhead: Array | None, chunk: tuple[Array, Array, Array]) -> tuple[Array | None, tuple]:
         xc, yc, wc = chunk  # (R, C), (R,), (R, 1)
         logits = _mm(xc, head, dtype)  # (R, V)
+        if vocab_size < logits.shape[-1]:
+            logits = jnp.where(jnp.arange(logits.shape[-1]) < vocab_size, logits, -jnp.inf)
         lse = jax.nn.logsumexp(logits, axis=-1, keepdims=True)  # (R, 1)
         target_logit = jnp.take_along_axis(logits, yc[:, None], axis=-1)  # (R, 1)
         loss_sum = ((lse - target_logit) * wc).sum()
@@ -80,21 +91,25 @@ def _chunked_loss_and_grads(
     return loss_sums.sum(), dxs.reshape(-1, C)[:N], dhead
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _linear_cross_entropy(x: Array, head: Array, targets: Array, dtype: str, chunk_rows: int) -> Array:
-    return _chunked_loss_and_grads(x, head, _head_t(head, dtype), targets, dtype, chunk_rows, False)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _linear_cross_entropy(
+    x: Array, head: Array, targets: Array, dtype: str, chunk_rows: int, vocab_size: int
+) -> Array:
+    args = (dtype, chunk_rows, vocab_size)
+    return _chunked_loss_and_grads(x, head, _head_t(head, dtype), targets, *args, False)[0]
 
 
 def _head_t(head: Array, dtype: str) -> Array:
     return head.T if dtype == "float32" else _transposed(head.astype(jnp.bfloat16))
 
 
-def _linear_cross_entropy_fwd(x, head, targets, dtype, chunk_rows):
-    loss, dx, dhead = _chunked_loss_and_grads(x, head, _head_t(head, dtype), targets, dtype, chunk_rows, True)
+def _linear_cross_entropy_fwd(x, head, targets, dtype, chunk_rows, vocab_size):
+    args = (dtype, chunk_rows, vocab_size)
+    loss, dx, dhead = _chunked_loss_and_grads(x, head, _head_t(head, dtype), targets, *args, True)
     return loss, (dx, dhead, targets)
 
 
-def _linear_cross_entropy_bwd(dtype, chunk_rows, res, g):
+def _linear_cross_entropy_bwd(dtype, chunk_rows, vocab_size, res, g):
     dx, dhead, targets = res
     return g * dx, g * dhead, np.zeros(targets.shape, dtype=jax.dtypes.float0)
 
@@ -103,13 +118,19 @@ _linear_cross_entropy.defvjp(_linear_cross_entropy_fwd, _linear_cross_entropy_bw
 
 
 def linear_cross_entropy(
-    hidden: Array, head: Array, targets: Array, dtype: str = "float32", chunk_rows: int = CHUNK_ROWS
+    hidden: Array,
+    head: Array,
+    targets: Array,
+    dtype: str = "float32",
+    chunk_rows: int = CHUNK_ROWS,
+    vocab_size: int | None = None,
 ) -> Array:
     """``cross_entropy(hidden @ head, targets)`` without ever holding all the logits.
 
     hidden (B, T, C) from ``GPTModel(..., head=False)``; head (C, V); targets (B, T). Equal to
     the plain loss (and so are its gradients) up to float rounding; peak memory holds the
-    logits of ``chunk_rows`` rows only.
+    logits of ``chunk_rows`` rows only. ``vocab_size`` < V: the head's later columns are padding
+    and take no part (``GPTConfig.vocab_pad_multiple``).
     """
     B, T, C = hidden.shape
     if targets.shape != (B, T):
@@ -117,7 +138,11 @@ def linear_cross_entropy(
             f"targets must have shape {(B, T)} to match hidden {hidden.shape}, got {targets.shape}"
         )
     chunk_rows = max(1, min(chunk_rows, B * T))
-    return _linear_cross_entropy(hidden.reshape(B * T, C), head, targets.reshape(B * T), dtype, chunk_rows)
+    vocab_size = head.shape[1] if vocab_size is None else vocab_size
+    if not 0 < vocab_size <= head.shape[1]:
+        raise ValueError(f"vocab_size must be in [1, {head.shape[1]}] (the head's columns), got {vocab_size}")
+    flat_targets = targets.reshape(B * T)
+    return _linear_cross_entropy(hidden.reshape(B * T, C), head, flat_targets, dtype, chunk_rows, vocab_size)
 
 
 def dropout_rng(key: Array) -> Array:
@@ -153,7 +178,7 @@ def train_loss(
         head = embedding.T if cfg.dtype == "float32" else _transposed(embedding)
     else:
         head = params["out_head"]["kernel"]  # (C, V)
-    return linear_cross_entropy(hidden, head, target_batch, cfg.dtype)
+    return linear_cross_entropy(hidden, head, target_batch, cfg.dtype, vocab_size=cfg.vocab_size)
 
 
 @functools.partial(jax.jit, static_argnames="cfg")

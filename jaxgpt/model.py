@@ -33,6 +33,20 @@ KVCache = dict[str, Array]
 _init_normal = nn.initializers.normal(stddev=0.02)  # GPT-2's initialisation
 
 
+def _init_vocab(vocab_size: int, axis: int) -> nn.initializers.Initializer:
+    """GPT-2's initialisation of a table with ``vocab_size`` entries along ``axis``, then zeros
+    appended up to the padded size (``GPTConfig.vocab_pad_multiple``): padding never changes the
+    real entries' initial values."""
+
+    def init(key: Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> Array:
+        real_shape = shape[:axis] + (vocab_size,) + shape[axis + 1 :]
+        widths = [(0, 0)] * len(shape)
+        widths[axis] = (0, shape[axis] - vocab_size)
+        return jnp.pad(_init_normal(key, real_shape, dtype), widths)
+
+    return init
+
+
 # --- matmuls: float32, or bfloat16 inputs accumulating in float32 (cfg.dtype) ---
 
 
@@ -90,10 +104,11 @@ class Linear(nn.Module):
     cfg: GPTConfig
     features: int
     use_bias: bool = True
+    kernel_init: nn.initializers.Initializer = _init_normal
 
     @nn.compact
     def __call__(self, x: Array) -> Array:  # (..., in) -> (..., features)
-        kernel = self.param("kernel", _init_normal, (x.shape[-1], self.features), jnp.float32)
+        kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), jnp.float32)
         y = matmul(x, kernel, self.cfg.dtype)
         if self.use_bias:
             bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
@@ -352,7 +367,10 @@ class GPTModel(nn.Module):
             mask = ((causal & real) | own)[:, None]  # (B, 1, T, S)
             kv = {"k": cache["k"], "v": cache["v"]}  # each (L, B, S, n_heads, head_dim)
 
-        tok_emb = nn.Embed(cfg.vocab_size, cfg.emb_dim, embedding_init=_init_normal, name="tok_emb")
+        V = cfg.vocab_size
+        tok_emb = nn.Embed(
+            cfg.padded_vocab_size, cfg.emb_dim, embedding_init=_init_vocab(V, axis=0), name="tok_emb"
+        )
         pos_emb = nn.Embed(cfg.context_length, cfg.emb_dim, embedding_init=_init_normal, name="pos_emb")
         x = tok_emb(idx) + pos_emb(positions)  # (B, T, C)
         x = Dropout(cfg.drop_rate, name="drop_emb")(x, deterministic=deterministic)
@@ -380,7 +398,10 @@ class GPTModel(nn.Module):
             else:  # cast before the transpose copy: half the bytes to move
                 logits = matmul(x, _transposed(embedding.astype(jnp.bfloat16)), cfg.dtype)  # (B, T, V)
         else:
-            logits = Linear(cfg, cfg.vocab_size, use_bias=False, name="out_head")(x)  # (B, T, V)
+            head = Linear(cfg, cfg.padded_vocab_size, False, _init_vocab(V, axis=1), name="out_head")
+            logits = head(x)  # (B, T, V)
+        if cfg.padded_vocab_size != V:
+            logits = logits[..., :V]  # the padding's logits are never seen
 
         if cache is None:
             return logits

@@ -40,6 +40,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from jaxgpt.xla import compiler_options
+
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")  # the global batch is split over both
 
@@ -380,7 +382,7 @@ def shard_train_step(
     ``fsdp`` (with ``accumulate``, batches are (A, B, T) and B is split); the ``extra_args``
     further positional arguments (e.g. an rng key) and the metrics are replicated. XLA inserts
     the collectives: all-gathers of FSDP params before use, reduce-scatters / all-reduces of the
-    gradients. The state's buffers are donated.
+    gradients. The state's buffers are donated; :func:`jaxgpt.xla.compiler_options` apply.
     """
     batch = NamedSharding(mesh, PartitionSpec(None, BATCH_AXES)) if accumulate else batch_sharding(mesh)
     return jax.jit(
@@ -388,6 +390,7 @@ def shard_train_step(
         in_shardings=(state_shardings, batch) + (replicated(mesh),) * extra_args,
         out_shardings=(state_shardings, replicated(mesh)),
         donate_argnums=(0,) if donate else (),
+        compiler_options=compiler_options(mesh.devices.flat[0].platform),
     )
 
 

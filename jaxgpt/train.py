@@ -42,6 +42,7 @@ from jaxgpt.generate import generate
 from jaxgpt.loss import calc_loss_batch, train_loss
 from jaxgpt.model import Params, init_params
 from jaxgpt.tokenizer import EOT_TEXT, get_tokenizer, text_to_token_ids, token_ids_to_text
+from jaxgpt.xla import compiler_options
 
 Array = jax.Array
 Batch = tuple[Array, Array]
@@ -342,8 +343,11 @@ def train_step(
 def jit_train_step(
     cfg: GPTConfig, tx: optax.GradientTransformation
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, Array]]]:
-    """:func:`train_step` with ``cfg`` and ``tx`` bound, jitted once, the state's buffers donated."""
-    return jax.jit(functools.partial(train_step, cfg=cfg, tx=tx), donate_argnums=0)
+    """:func:`train_step` with ``cfg`` and ``tx`` bound, jitted once, the state's buffers donated
+    (with :func:`jaxgpt.xla.compiler_options`)."""
+    return jax.jit(
+        functools.partial(train_step, cfg=cfg, tx=tx), donate_argnums=0, compiler_options=compiler_options()
+    )
 
 
 # --------------------------------------------------------------------------------------------

@@ -12,6 +12,9 @@ blocks stacked on a leading layer axis L (they run under ``nn.scan``)::
     trf_blocks/ff/layers_2/{kernel (L, 4C, C), bias (L, C)}
     final_norm/{scale,shift} (C,)      out_head/kernel (C, V), only when tie_embeddings=False
 
+With ``GPTConfig.vocab_pad_multiple`` > 1 the V axis of ``tok_emb`` and ``out_head`` is padded
+(zeros) to ``padded_vocab_size`` inside jaxgpt; files always hold exactly ``vocab_size`` entries.
+
 An external layout is described by a :class:`Layout`: a key table from its tensor names to
 these paths, the set of its tensors stored transposed, and the fused query/key/value tensors
 it splits. Import and export are written once against that description and check every name
@@ -228,12 +231,43 @@ def _import(state: Mapping[str, Any], cfg: GPTConfig, layout: Layout) -> Params:
         layers.append(layer)
     for path in layers[0]:
         flat[("trf_blocks", *path)] = np.stack([layer[path] for layer in layers])  # (L, ...)
+    _pad_vocab(flat, cfg)
     return jax.tree_util.tree_map(jnp.asarray, unflatten_dict(flat))
+
+
+# The vocabulary axis of the embedding table and of the untied head. A padded model (see
+# GPTConfig.vocab_pad_multiple) holds padded_vocab_size entries there; files hold vocab_size.
+_VOCAB_AXIS: dict[ParamPath, int] = {("tok_emb", "embedding"): 0, ("out_head", "kernel"): 1}
+
+
+def _pad_vocab(flat: dict[ParamPath, np.ndarray], cfg: GPTConfig) -> None:
+    """Append the padding entries (zeros) to the vocabulary axis, in place."""
+    extra = cfg.padded_vocab_size - cfg.vocab_size
+    for path, axis in _VOCAB_AXIS.items():
+        if extra and path in flat:
+            widths = [(0, 0)] * flat[path].ndim
+            widths[axis] = (0, extra)
+            flat[path] = np.pad(flat[path], widths)
+
+
+def _strip_vocab_padding(flat: dict[ParamPath, np.ndarray], cfg: GPTConfig) -> None:
+    """Drop the padding entries of the vocabulary axis, in place, after checking there are as many."""
+    for path, axis in _VOCAB_AXIS.items():
+        if path not in flat or cfg.padded_vocab_size == cfg.vocab_size:
+            continue
+        if flat[path].shape[axis] != cfg.padded_vocab_size:
+            raise ValueError(
+                f"{'/'.join(path)} has {flat[path].shape[axis]} vocabulary entries, but the config "
+                f"pads vocab_size={cfg.vocab_size} to {cfg.padded_vocab_size} (vocab_pad_multiple="
+                f"{cfg.vocab_pad_multiple}); export with the config the params were made with"
+            )
+        flat[path] = np.take(flat[path], np.arange(cfg.vocab_size), axis=axis)
 
 
 def _export(params: Params, cfg: GPTConfig, layout: Layout) -> dict[str, np.ndarray]:
     """jaxgpt params -> external tensors (NumPy, C-contiguous), every shape checked."""
     flat = {path: np.asarray(value) for path, value in flatten_dict(params).items()}
+    _strip_vocab_padding(flat, cfg)
     expected_paths = set(_top_shapes(cfg)) | {("trf_blocks", *p) for p in _block_shapes(cfg)}
     if set(flat) != expected_paths:
         missing = sorted("/".join(p) for p in expected_paths - set(flat))

@@ -152,6 +152,7 @@ def bench_jaxgpt_train(args) -> dict:
         remat=args.remat,
         drop_rate=args.drop_rate,
         scan_unroll=args.scan_unroll,
+        vocab_pad_multiple=args.vocab_pad_multiple,
     )
     B, T = args.batch_size, cfg.context_length
     rng = np.random.default_rng(0)
@@ -191,7 +192,8 @@ def bench_jaxgpt_train(args) -> dict:
     step_s = statistics.median(times)
     peak_rss_mb = _peak_rss_mb()
 
-    n_flop_params = n_params - cfg.context_length * cfg.emb_dim  # without the position table
+    # without the position table, and without vocabulary padding: only useful work counts
+    n_flop_params = n_params - (cfg.context_length + cfg.padded_vocab_size - cfg.vocab_size) * cfg.emb_dim
     flops_tok = model_flops_per_token(n_flop_params, cfg.n_layers, cfg.emb_dim, T)
     tokens_per_s = B * T / step_s
     achieved = flops_tok * tokens_per_s
@@ -202,6 +204,7 @@ def bench_jaxgpt_train(args) -> dict:
         "batch_size": B,
         "dtype": cfg.dtype,
         "remat": cfg.remat,
+        "vocab_pad_multiple": cfg.vocab_pad_multiple,
         "loss": args.loss,
         "drop_rate": cfg.drop_rate,
         "step_source": source,
@@ -511,6 +514,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=1,
         help="layers per iteration of the scanned block stack (GPTConfig.scan_unroll; default 1)",
+    )
+    t.add_argument(
+        "--vocab-pad-multiple",
+        type=int,
+        default=1,
+        help="pad the embedding and head to a multiple of this many rows (GPTConfig.vocab_pad_multiple; "
+        "64 gives 50304; default 1, no padding). Model FLOPs count only the real vocabulary",
     )
     t.add_argument("--drop-rate", type=float, default=0.1, help="dropout rate (default 0.1, the book's)")
     t.add_argument(

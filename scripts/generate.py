@@ -10,7 +10,9 @@ book ``.pth`` state dict (see scripts/convert.py). The prompt and its continuati
 with ``--stream`` each token is printed as soon as it is produced (the whole decode is still one
 compiled program). Generation stops at <|endoftext|> unless ``--ignore-eos``.
 
-Exit codes: 0 done, 2 bad input (missing or incompatible model, bad option).
+Exit codes: 0 done, 2 bad input (missing or incompatible model, bad option). The compiled decode
+is kept in JAX's persistent cache (~/.cache/jaxgpt/xla, or $JAX_COMPILATION_CACHE_DIR), so the next
+call with the same shapes starts at once; JAXGPT_NO_COMPILE_CACHE=1 turns it off.
 """
 
 from __future__ import annotations
@@ -125,4 +127,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    try:
+        from jaxgpt.xla import enable_compilation_cache
+    except ImportError:
+        pass
+    else:
+        enable_compilation_cache()  # the decode loop compiles once per shape, then loads from disk
     sys.exit(main())

@@ -91,7 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
         f"{book.learning_rate}, batch {book.batch_size}, {book.num_epochs} epochs, "
         f"eval every {book.eval_freq}.",
         epilog="Exit codes: 0 finished, 1 non-finite loss, 2 bad input (before training), "
-        "130 interrupted by Ctrl-C (a checkpoint was saved; continue with --resume OUT).",
+        "130 interrupted by Ctrl-C (a checkpoint was saved; continue with --resume OUT). "
+        "Compiled steps are kept in JAX's persistent cache (~/.cache/jaxgpt/xla, or "
+        "$JAX_COMPILATION_CACHE_DIR), so a second run of the same shapes starts without compiling; "
+        "JAXGPT_NO_COMPILE_CACHE=1 turns it off.",
     )
     a = p.add_argument
     a("--preset", default="quickstart", choices=sorted(PRESETS), help="model size (default: %(default)s)")
@@ -515,4 +518,7 @@ if __name__ == "__main__":
         pass
     else:
         relaunch_with_fast_allocator()
+        from jaxgpt.xla import enable_compilation_cache
+
+        enable_compilation_cache()  # a second run of the same shapes skips the compile
     sys.exit(main())

@@ -51,6 +51,8 @@ def test_config_is_frozen_and_replace_validates():
         ("dtype", "float16"),
         ("remat", "sometimes"),
         ("scan_unroll", 0),
+        ("vocab_pad_multiple", 0),
+        ("vocab_pad_multiple", True),
     ],
 )
 def test_invalid_values_name_the_field(field, value):
@@ -68,3 +70,10 @@ def test_dict_round_trip_and_unknown_keys():
     assert GPTConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match="colour"):
         GPTConfig.from_dict({**cfg.to_dict(), "colour": "red"})
+
+
+@pytest.mark.parametrize(
+    "vocab, multiple, padded", [(50257, 1, 50257), (50257, 64, 50304), (512, 64, 512), (97, 24, 120)]
+)
+def test_padded_vocab_size_rounds_up_to_the_multiple(vocab, multiple, padded):
+    assert GPTConfig(vocab_size=vocab, vocab_pad_multiple=multiple).padded_vocab_size == padded

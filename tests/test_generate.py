@@ -86,7 +86,8 @@ def test_decoding_compiles_once_whatever_the_number_of_tokens(params, monkeypatc
 
     monkeypatch.setattr(gen, "_apply", counting("full", gen._apply))
     monkeypatch.setattr(gen, "_decode_step", counting("step", gen._decode_step))
-    gen._generate_padded.clear_cache()
+    jitted = gen._jitted_generate(jax.default_backend())
+    jitted.clear_cache()
     prompt = np.array([[1, 2, 3]], np.int32)
     generate(params, CFG, prompt, 12)  # 6 tokens from the cache, then 6 past the context of 8
     assert traces == ["full", "step", "full"]  # prefill, decode step, window step
@@ -94,7 +95,7 @@ def test_decoding_compiles_once_whatever_the_number_of_tokens(params, monkeypatc
     sample = dict(top_k=5, key=jax.random.key(0))
     generate(params, CFG, prompt, 12, temperature=0.7, **sample)
     generate(params, CFG, prompt, 12, temperature=1.3, **sample)  # the temperature is traced, not static
-    assert gen._generate_padded._cache_size() == 2  # one greedy, one sampling program
+    assert jitted._cache_size() == 2  # one greedy, one sampling program
     assert len(traces) == 6
 
 

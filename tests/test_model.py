@@ -225,6 +225,26 @@ def test_tied_head_is_the_token_embedding_transposed(tiny_params):
 # --- equivalent ways to run the same model ---
 
 
+@pytest.mark.parametrize("tie", [True, False])
+def test_a_padded_vocabulary_changes_nothing_a_user_sees(tie, tiny_params):
+    cfg = TINY.replace(tie_embeddings=tie)
+    padded_cfg = cfg.replace(vocab_pad_multiple=32)  # 97 -> 128 rows
+    params, padded = init_params(cfg, jax.random.key(0)), init_params(padded_cfg, jax.random.key(0))
+    name, axis = ("tok_emb", "embedding"), 0
+    if not tie:
+        name, axis = ("out_head", "kernel"), 1
+    table, padded_table = np.asarray(params[name[0]][name[1]]), np.asarray(padded[name[0]][name[1]])
+    assert padded_table.shape[axis] == 128
+    real, pad = np.split(padded_table, [TINY.vocab_size], axis=axis)
+    np.testing.assert_array_equal(real, table)  # the same initial weights, plus zero padding
+    assert not pad.any()
+    idx = np.arange(10)[None] % TINY.vocab_size
+    np.testing.assert_allclose(_logits(padded_cfg, padded, idx), _logits(cfg, params, idx), atol=1e-6)
+    cache = init_cache(padded_cfg, batch_size=1, size=12)
+    logits, _ = _logits(padded_cfg, padded, idx, cache=cache)
+    assert logits.shape == (1, 10, TINY.vocab_size)  # V wide, with or without a cache
+
+
 def test_cache_gives_the_same_logits_as_a_full_pass(tiny_params):
     idx = jnp.asarray(np.random.default_rng(1).integers(0, TINY.vocab_size, (2, 9)), jnp.int32)
     full = _logits(TINY, tiny_params, idx)

@@ -19,7 +19,7 @@ from scripts_loader import load_script
 from jaxgpt.generate import generate
 from jaxgpt.loss import cross_entropy
 from jaxgpt.model import GPTModel
-from jaxgpt.weights import load_hf_gpt2, params_to_hf
+from jaxgpt.weights import load_hf_gpt2, params_from_hf, params_to_hf
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -37,9 +37,15 @@ def ref() -> dict[str, np.ndarray]:
         return {name: data[name] for name in data.files}
 
 
-@pytest.fixture(scope="module")
-def model():
+@pytest.fixture(scope="module", params=[1, 96], ids=["vocab_512", "vocab_padded_576"])
+def model(request):
+    """The reference weights as they load, and loaded into a model whose vocabulary is padded
+    (``vocab_pad_multiple``): every parity test below holds for both."""
     cfg, params = load_hf_gpt2(MODEL_DIR)
+    if request.param > 1:
+        cfg = cfg.replace(vocab_pad_multiple=request.param)
+        params = params_from_hf(params_to_hf(params, cfg.replace(vocab_pad_multiple=1)), cfg)
+        assert params["tok_emb"]["embedding"].shape[0] == 576  # real padding, not a no-op
     return cfg, params
 
 
@@ -81,7 +87,10 @@ def test_every_gradient_matches_reference(model, ref, jit):
     if jit:
         grad_fn = jax.jit(grad_fn)
     with jax.default_matmul_precision("float32"):
-        grads = params_to_hf(grad_fn(params), cfg)  # HF names; the tied wte gets both contributions
+        grads = grad_fn(params)
+    padding = np.asarray(grads["tok_emb"]["embedding"])[cfg.vocab_size :]
+    assert not padding.any(), "padding rows of the vocabulary got a gradient"
+    grads = params_to_hf(grads, cfg)  # HF names; the tied wte gets both contributions
     ref_names = sorted(name.removeprefix("grad/") for name in ref if name.startswith("grad/"))
     assert sorted(grads) == ref_names
 

@@ -188,9 +188,29 @@ def test_linear_cross_entropy_equals_the_logits_loss_and_its_gradients(chunk_row
         np.testing.assert_allclose(got, want, atol=1e-6)
 
 
-@pytest.mark.parametrize("tie", [True, False])
-def test_train_loss_equals_the_logits_loss_with_dropout(tie):
-    cfg = TINY.replace(drop_rate=0.2, tie_embeddings=tie)
+def test_linear_cross_entropy_leaves_out_the_vocabulary_padding():
+    rng = np.random.default_rng(1)
+    h = jnp.asarray(rng.normal(size=(2, 7, 16)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(16, 64)), jnp.float32)  # 50 real columns, 14 of padding (not zero)
+    y = jnp.asarray(rng.integers(0, 50, (2, 7)))
+
+    def plain(h, w):  # the loss over the 50 real columns only
+        return cross_entropy(jnp.einsum("btc,cv->btv", h, w[:, :50]), y)
+
+    def padded(h, w):
+        return linear_cross_entropy(h, w, y, "float32", 4, vocab_size=50)
+
+    np.testing.assert_allclose(padded(h, w), plain(h, w), rtol=1e-6)
+    (dh, dw), (ref_dh, ref_dw) = jax.grad(padded, (0, 1))(h, w), jax.grad(plain, (0, 1))(h, w)
+    np.testing.assert_allclose(dh, ref_dh, atol=1e-6)
+    np.testing.assert_allclose(dw, ref_dw, atol=1e-6)  # zero in the padding columns, like the reference
+    with pytest.raises(ValueError, match="vocab_size must be in"):
+        linear_cross_entropy(h, w, y, vocab_size=65)
+
+
+@pytest.mark.parametrize("tie,pad", [(True, 1), (False, 1), (True, 24), (False, 24)])
+def test_train_loss_equals_the_logits_loss_with_dropout(tie, pad):
+    cfg = TINY.replace(drop_rate=0.2, tie_embeddings=tie, vocab_pad_multiple=pad)
     params = init_params(cfg, jax.random.key(0))
     x = jnp.asarray(np.arange(14).reshape(2, 7) % cfg.vocab_size)
     y = (x + 1) % cfg.vocab_size

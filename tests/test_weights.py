@@ -134,6 +134,29 @@ def test_params_to_hf_to_params_is_exact(tie, qkv_bias):
     assert_trees_equal(params_from_hf(state, cfg), params)
 
 
+@pytest.mark.parametrize("tie", [True, False])
+def test_a_padded_vocabulary_is_zeros_in_and_gone_out(tie):
+    cfg = TINY.replace(tie_embeddings=tie)
+    padded_cfg = cfg.replace(vocab_pad_multiple=48)  # 64 -> 96 rows
+    state = hf_state(cfg, untied=not tie)
+    params = params_from_hf(state, padded_cfg)
+    emb = np.asarray(params["tok_emb"]["embedding"])
+    assert emb.shape == (96, C)
+    np.testing.assert_array_equal(emb[:V], state["transformer.wte.weight"])
+    assert not emb[V:].any()
+    if not tie:
+        head = np.asarray(params["out_head"]["kernel"])
+        assert head.shape == (C, 96) and not head[:, V:].any()
+    params = jax.tree_util.tree_map(lambda a: a + 1.0, params)  # padding no longer zero: still dropped
+    back = params_to_hf(params, padded_cfg)
+    assert back["transformer.wte.weight"].shape == (V, C)
+    np.testing.assert_array_equal(back["transformer.wte.weight"], state["transformer.wte.weight"] + 1.0)
+    with pytest.raises(
+        ValueError, match=r"tok_emb/embedding has 96 vocabulary entries.*pads vocab_size=64 to 128"
+    ):
+        params_to_hf(params, cfg.replace(vocab_pad_multiple=128))
+
+
 def test_names_without_prefix_and_hf_buffers_are_accepted():
     state = {k.removeprefix("transformer."): v for k, v in hf_state().items()}
     for i in range(L):
