@@ -33,16 +33,21 @@ KVCache = dict[str, Array]
 _init_normal = nn.initializers.normal(stddev=0.02)  # GPT-2's initialisation
 
 
+def pad_vocab(table: Array, padded_size: int, axis: int) -> Array:
+    """``table`` with zeros appended along its vocabulary ``axis`` up to ``padded_size`` entries
+    (``GPTConfig.vocab_pad_multiple``)."""
+    widths = [(0, 0)] * table.ndim
+    widths[axis] = (0, padded_size - table.shape[axis])
+    return jnp.pad(table, widths)
+
+
 def _init_vocab(vocab_size: int, axis: int) -> nn.initializers.Initializer:
     """GPT-2's initialisation of a table with ``vocab_size`` entries along ``axis``, then zeros
-    appended up to the padded size (``GPTConfig.vocab_pad_multiple``): padding never changes the
-    real entries' initial values."""
+    appended up to the padded size: padding never changes the real entries' initial values."""
 
     def init(key: Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> Array:
         real_shape = shape[:axis] + (vocab_size,) + shape[axis + 1 :]
-        widths = [(0, 0)] * len(shape)
-        widths[axis] = (0, shape[axis] - vocab_size)
-        return jnp.pad(_init_normal(key, real_shape, dtype), widths)
+        return pad_vocab(_init_normal(key, real_shape, dtype), shape[axis], axis)
 
     return init
 

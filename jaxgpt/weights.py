@@ -38,6 +38,7 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from jaxgpt.config import GPTConfig
+from jaxgpt.model import pad_vocab
 
 Params = dict[str, Any]
 ParamPath = tuple[str, ...]
@@ -240,20 +241,21 @@ def _import(state: Mapping[str, Any], cfg: GPTConfig, layout: Layout) -> Params:
 _VOCAB_AXIS: dict[ParamPath, int] = {("tok_emb", "embedding"): 0, ("out_head", "kernel"): 1}
 
 
-def _pad_vocab(flat: dict[ParamPath, np.ndarray], cfg: GPTConfig) -> None:
+def _pad_vocab(flat: dict[ParamPath, Any], cfg: GPTConfig) -> None:
     """Append the padding entries (zeros) to the vocabulary axis, in place."""
-    extra = cfg.padded_vocab_size - cfg.vocab_size
+    if cfg.padded_vocab_size == cfg.vocab_size:
+        return
     for path, axis in _VOCAB_AXIS.items():
-        if extra and path in flat:
-            widths = [(0, 0)] * flat[path].ndim
-            widths[axis] = (0, extra)
-            flat[path] = np.pad(flat[path], widths)
+        if path in flat:
+            flat[path] = pad_vocab(flat[path], cfg.padded_vocab_size, axis)
 
 
 def _strip_vocab_padding(flat: dict[ParamPath, np.ndarray], cfg: GPTConfig) -> None:
     """Drop the padding entries of the vocabulary axis, in place, after checking there are as many."""
+    if cfg.padded_vocab_size == cfg.vocab_size:
+        return
     for path, axis in _VOCAB_AXIS.items():
-        if path not in flat or cfg.padded_vocab_size == cfg.vocab_size:
+        if path not in flat:
             continue
         if flat[path].shape[axis] != cfg.padded_vocab_size:
             raise ValueError(

@@ -40,7 +40,7 @@ NO_CACHE = "JAXGPT_NO_COMPILE_CACHE"  # set to 1 to keep the command-line tools 
 def enable_compilation_cache(path: str | os.PathLike[str] | None = None) -> Path | None:
     """Turn on JAX's persistent compilation cache: programs compiled once are kept on disk, and a
     later process with the same shapes loads them instead of compiling (the gpt2-small train
-    step: 2-3.5 s the first time, 0.1 s from the cache).
+    step: 2-5 s the first time, 0.1 s from the cache).
 
     The command-line tools call this at start-up; library code never changes JAX's config behind
     a caller's back. ``path`` defaults to ``$JAX_COMPILATION_CACHE_DIR`` when set (JAX's own

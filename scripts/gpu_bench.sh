@@ -39,8 +39,8 @@ best=""
 for B in $BATCHES; do
   echo "=== batch $B ($(( $(date +%s) - START )) s elapsed)"
   if timeout 240 $PY scripts/bench.py train --json --preset gpt2-small --context-length 1024 \
-      --dtype bfloat16 --vocab-pad-multiple 64 --drop-rate 0.0 --loss chunked --batch-size "$B" --steps 10 --warmup 2 \
-      --references none > "$OUT_DIR/gpu_bench_B$B.json" 2> "$OUT_DIR/gpu_bench_B$B.err"; then
+      --dtype bfloat16 --vocab-pad-multiple 64 --drop-rate 0.0 --loss chunked --batch-size "$B" \
+      --steps 10 --warmup 2 --references none > "$OUT_DIR/gpu_bench_B$B.json" 2> "$OUT_DIR/gpu_bench_B$B.err"; then
     best=$B
     break
   fi
