@@ -164,6 +164,20 @@ def _to_bf16_if_matrix(a: Array) -> Array:
     return a.astype(jnp.bfloat16) if a.ndim == 2 else a  # matmul kernels; norms and biases stay float32
 
 
+def _decode_weights(params: Params, cfg: GPTConfig) -> tuple[list[Params], Array]:
+    """The weights :func:`_decode_step` reads: per-layer params and the head's rows (V, C).
+
+    Done once before the decode loop. With bfloat16 matmuls the matrices are cast here too, not
+    on every token.
+    """
+    layers = _split_layers(params["trf_blocks"], cfg.n_layers)
+    head = params["tok_emb"]["embedding"] if cfg.tie_embeddings else params["out_head"]["kernel"].T  # (V, C)
+    if cfg.dtype != "float32":
+        layers = [jax.tree_util.tree_map(_to_bf16_if_matrix, layer) for layer in layers]
+        head = head.astype(jnp.bfloat16)
+    return layers, head
+
+
 def _decode_step(
     params: Params,
     layers: list[Params],
@@ -176,14 +190,17 @@ def _decode_step(
 ) -> tuple[Array, list[KVCache]]:
     """One new token per row, (B,) -> next-token logits (B, V) and the updated per-layer caches.
 
-    ``head`` (C, V) is the logits matrix: the token embedding transposed (tied) or ``out_head``.
+    ``head`` (V, C) holds the logits matrix as rows: the token embedding itself (tied) or
+    ``out_head`` transposed. The head is read as (V, C) @ (C, B) -> (V, B): with each vocabulary
+    row contiguous, the matmul streams the 154 MB matrix once at the memory's pace (measured at
+    B=8: 1.7x the rate of x @ head.T, 15% more tokens per second; B=1 the same).
 
     The same computation as ``GPTModel``'s cached call for one token (tested equal), with the
     model's own ``TransformerBlock`` and ``LayerNorm``, but run over per-layer params and caches
     split once before the decode loop. Under ``nn.scan`` every step slices each layer's weights
     out of the stacked params, which on CPU copies them: at B=1 that doubled the time per token.
     """
-    S = kvs[0]["k"].shape[1]
+    S = kvs[0]["k"].shape[2]
     k_slot = jnp.arange(S)  # (S,)
     mask = (k_slot[None, :] <= index) & (k_slot[None, :] >= start[:, None])  # (B, S): causal, not padding
     mask = mask[:, None, None, :]  # (B, 1, 1, S)
@@ -195,7 +212,10 @@ def _decode_step(
         x, kv = TransformerBlock(cfg).apply({"params": layer}, x, kv, mask, index)
         new_kvs.append(kv)
     x = LayerNorm(cfg.emb_dim).apply({"params": params["final_norm"]}, x)[:, 0]  # (B, C)
-    return matmul(x, head, cfg.dtype)[:, : cfg.vocab_size], new_kvs  # (B, V): no padding's logits
+    logits = matmul(head, x.T, cfg.dtype)  # (V, B)
+    # The barrier keeps XLA from folding the transpose back into the matmul (the slow form).
+    logits = jax.lax.optimization_barrier(logits).T  # (B, V): a small copy
+    return logits[:, : cfg.vocab_size], new_kvs  # no padding's logits
 
 
 def _generate_padded(
@@ -242,12 +262,8 @@ def _generate_padded(
     tok, done = pick(logits, jnp.int32(0), jnp.zeros((B,), bool))
     out = jnp.full((B, N), pad, jnp.int32).at[:, 0].set(tok)  # (B, N)
 
-    layers = _split_layers(params["trf_blocks"], cfg.n_layers)  # once, outside the loop
-    head = params["tok_emb"]["embedding"].T if cfg.tie_embeddings else params["out_head"]["kernel"]  # (C, V)
-    if cfg.dtype != "float32":  # the matmuls multiply in bf16: cast their weights once, not every token
-        layers = [jax.tree_util.tree_map(_to_bf16_if_matrix, layer) for layer in layers]
-        head = head.astype(jnp.bfloat16)
-    kvs = [{"k": cache["k"][i], "v": cache["v"][i]} for i in range(cfg.n_layers)]  # (B, S, n_heads, head_dim)
+    layers, head = _decode_weights(params, cfg)  # once, outside the loop
+    kvs = [{"k": cache["k"][i], "v": cache["v"][i]} for i in range(cfg.n_layers)]  # (B, n_heads, S, hd)
 
     def cached_step(carry):
         t, tok, kvs, out, done = carry

@@ -168,6 +168,7 @@ def bench_jaxgpt_train(args) -> dict:
     state, step_fn, source = _library_train_step(cfg, args)
     n_params = count_params(state[0] if isinstance(state, tuple) else state.params)
 
+    jax.block_until_ready(state)  # the initialisation runs asynchronously: keep it out of the compile time
     u0 = _usage()
     t0 = time.perf_counter()
     compiled = step_fn.lower(state, batches[0], key).compile()

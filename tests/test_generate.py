@@ -105,7 +105,7 @@ def test_decoding_compiles_once_whatever_the_number_of_tokens(params, monkeypatc
 def test_decode_step_gives_the_models_cached_logits(tie, qkv_bias, dtype):
     """The per-layer decode step is the model's cached one-token call, left padding included.
 
-    With bfloat16 matmuls the step gets its weights cast once, as generate does.
+    The step reads the weights generate prepares (bfloat16 ones cast once).
     """
     cfg = CFG.replace(tie_embeddings=tie, qkv_bias=qkv_bias, context_length=12, dtype=dtype)
     p = init_params(cfg, jax.random.key(8))
@@ -116,11 +116,7 @@ def test_decode_step_gives_the_models_cached_logits(tie, qkv_bias, dtype):
     tok = jnp.array([5, 17], jnp.int32)
     expected, expected_cache = model.apply({"params": p}, tok[:, None], cache=cache)
     kvs = [{"k": cache["k"][i], "v": cache["v"][i]} for i in range(cfg.n_layers)]
-    layers = gen._split_layers(p["trf_blocks"], cfg.n_layers)
-    head = p["tok_emb"]["embedding"].T if tie else p["out_head"]["kernel"]
-    if dtype == "bfloat16":
-        layers = [jax.tree_util.tree_map(gen._to_bf16_if_matrix, layer) for layer in layers]
-        head = head.astype(jnp.bfloat16)
+    layers, head = gen._decode_weights(p, cfg)
     logits, new_kvs = gen._decode_step(p, layers, head, cfg, tok, kvs, jnp.int32(6), start)
     np.testing.assert_allclose(logits, expected[:, -1], atol=1e-5)
     np.testing.assert_allclose(jnp.stack([kv["k"] for kv in new_kvs]), expected_cache["k"], atol=1e-6)
