@@ -213,18 +213,28 @@ class FeedForward(nn.Module):
 
 
 def _attention_with_dropout(
-    queries: Array, keys: Array, values: Array, mask: Array, dropout: Dropout, deterministic: bool
+    queries: Array,
+    keys: Array,
+    values: Array,
+    mask: Array,
+    dropout: Dropout,
+    deterministic: bool,
+    kv_layout: str = "bshd",
 ) -> Array:
     """The book's attention, step by step, with dropout on the attention weights.
 
-    queries (B, T, n_heads, head_dim), keys and values (B, S, n_heads, head_dim) -> (B, T, n_heads, head_dim).
+    queries (B, T, n_heads, head_dim) -> (B, T, n_heads, head_dim). Keys and values are
+    (B, S, n_heads, head_dim) as projected (``kv_layout="bshd"``), or (B, n_heads, S, head_dim)
+    (``"bhsd"``), the layout of the KV cache: the one its two batched matmuls read directly. A
+    (B, S, n_heads, head_dim) cache was transposed whole for every layer and token: 24 copies per
+    token, a third of the decode's op time at B=8.
     """
     head_dim = queries.shape[-1]
-    attn_scores = jnp.einsum("bthd,bshd->bhts", queries, keys)  # (B, n_heads, T, S)
+    attn_scores = jnp.einsum(f"bthd,{kv_layout}->bhts", queries, keys)  # (B, n_heads, T, S)
     attn_scores = jnp.where(mask, attn_scores / math.sqrt(head_dim), -jnp.inf)
     attn_weights = jax.nn.softmax(attn_scores, axis=-1)
     attn_weights = dropout(attn_weights, deterministic=deterministic)
-    return jnp.einsum("bhts,bshd->bthd", attn_weights, values)  # (B, T, n_heads, head_dim)
+    return jnp.einsum(f"bhts,{kv_layout}->bthd", attn_weights, values)  # (B, T, n_heads, head_dim)
 
 
 def _fused_attention(queries: Array, keys: Array, values: Array, mask: Array | None, dtype: str) -> Array:
@@ -245,23 +255,6 @@ def _fused_attention(queries: Array, keys: Array, values: Array, mask: Array | N
         except Exception:  # this GPU/cuDNN/shape has no fused kernel: XLA's version below
             pass
     return jax.nn.dot_product_attention(queries, keys, values, mask=mask, scale=scale, is_causal=causal)
-
-
-def _cached_attention(
-    queries: Array, keys: Array, values: Array, mask: Array, dropout: Dropout, deterministic: bool
-) -> Array:
-    """Attention over a key/value cache kept as (B, n_heads, S, head_dim), the layout its two
-    batched matmuls read directly. A (B, S, n_heads, head_dim) cache was transposed whole for
-    every layer and token: 24 copies per token, a third of the decode's op time at B=8.
-
-    queries (B, T, n_heads, head_dim) -> (B, T, n_heads, head_dim); mask (B, 1, T, S).
-    """
-    head_dim = queries.shape[-1]
-    keys, values = keys.astype(jnp.float32), values.astype(jnp.float32)  # bf16 caches attend in f32
-    attn_scores = jnp.einsum("bthd,bhsd->bhts", queries, keys)  # (B, n_heads, T, S)
-    attn_scores = jnp.where(mask, attn_scores / math.sqrt(head_dim), -jnp.inf)
-    attn_weights = dropout(jax.nn.softmax(attn_scores, axis=-1), deterministic=deterministic)
-    return jnp.einsum("bhts,bhsd->bthd", attn_weights, values)  # (B, T, n_heads, head_dim)
 
 
 class MultiHeadAttention(nn.Module):
@@ -298,7 +291,10 @@ class MultiHeadAttention(nn.Module):
                 )
                 for name, new in (("k", keys), ("v", values))
             }
-            context_vec = _cached_attention(queries, kv["k"], kv["v"], mask, dropout, self.deterministic)
+            keys, values = kv["k"].astype(jnp.float32), kv["v"].astype(jnp.float32)  # a bf16 cache: in f32
+            context_vec = _attention_with_dropout(
+                queries, keys, values, mask, dropout, self.deterministic, kv_layout="bhsd"
+            )
         elif cfg.drop_rate > 0 and not self.deterministic:
             # jax.nn.dot_product_attention has no dropout, so training with dropout keeps the
             # book's explicit attention weights and drops them exactly as the book does.
