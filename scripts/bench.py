@@ -14,7 +14,8 @@ thread count, the training loop of Hugging Face ``GPT2LMHeadModel`` and of the b
 ``llms_from_scratch.ch04.GPTModel`` on the same shapes with AdamW:
 
   * as a reader runs them (the default allocator),
-  * under the allocator settings jaxgpt's launcher uses (the fair comparison),
+  * under the allocator settings jaxgpt's launcher uses (the fair comparison), and when that is
+    mimalloc, also under the glibc tunables (whichever PyTorch runs faster with is the fair one),
   * with bf16 autocast (when ``--dtype bfloat16``).
 
 Children, because the allocator environment must be set before a process starts.
@@ -395,12 +396,14 @@ def cmd_train(args) -> int:
             continue
         plan.append((impl, impl, _plain_env(), False))
     if plan and res["device"].startswith("cpu"):
+        first = plan[0][1]
         fast = allocator_env(_plain_env())
         if fast != _plain_env():
-            first = plan[0][1]
             plan.append((f"{first}+allocator", first, fast, False))
+        tunables = allocator_env(_plain_env(), "glibc")  # PyTorch may do better with glibc kept tuned
+        if "LD_PRELOAD" in fast and tunables != _plain_env():
+            plan.append((f"{first}+glibc_tunables", first, tunables, False))
         if args.dtype == "bfloat16":
-            first = plan[0][1]
             plan.append((f"{first}+autocast_bf16", first, _plain_env(), True))
     elif plan:  # on an accelerator the CPU references say nothing useful
         plan = []

@@ -512,7 +512,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:  # re-run once with glibc malloc settings that make CPU steps faster (see jaxgpt/launch.py)
+    try:  # re-run once with the allocator that makes CPU steps faster (see jaxgpt/launch.py)
         from jaxgpt.launch import relaunch_with_fast_allocator
     except ImportError:
         pass

@@ -13,7 +13,6 @@ import optax
 import pytest
 
 from jaxgpt.config import GPTConfig
-from jaxgpt.launch import OPT_OUT, allocator_env, relaunch_with_fast_allocator
 from jaxgpt.loss import cross_entropy, dropout_rng, linear_cross_entropy, train_loss
 from jaxgpt.model import (
     GPTModel,
@@ -242,65 +241,6 @@ def test_dropout_rng_is_a_deterministic_function_of_the_key():
 def test_linear_cross_entropy_checks_target_shape():
     with pytest.raises(ValueError, match="targets must have shape"):
         linear_cross_entropy(jnp.zeros((2, 3, 4)), jnp.zeros((4, 5)), jnp.zeros((2, 4), jnp.int32))
-
-
-# --- the allocator launcher ---
-
-
-def test_allocator_env_adds_tunables_and_keeps_the_users(monkeypatch):
-    import jaxgpt.launch as launch
-
-    monkeypatch.setattr(launch, "_uses_glibc", lambda: True)
-    env = allocator_env({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0", "PATH": "/bin"})
-    tunables = env["GLIBC_TUNABLES"].split(":")
-    assert "glibc.malloc.hugetlb=0" in tunables and "glibc.malloc.hugetlb=1" not in tunables  # user's wins
-    assert env["PATH"] == "/bin"
-    monkeypatch.setattr(launch, "_uses_glibc", lambda: False)
-    assert allocator_env({"PATH": "/bin"}) == {"PATH": "/bin"}  # other platforms: unchanged
-
-
-def test_relaunch_respects_the_opt_out_and_the_loop_guard(monkeypatch):
-    import os
-
-    calls = []
-    monkeypatch.setattr(os, "execve", lambda *a: calls.append(a))
-    monkeypatch.setenv(OPT_OUT, "1")
-    relaunch_with_fast_allocator()
-    monkeypatch.delenv(OPT_OUT)
-    monkeypatch.setenv("JAXGPT_LAUNCHER_SET", "GLIBC_TUNABLES")  # already relaunched once
-    relaunch_with_fast_allocator()
-    assert calls == []
-
-
-def test_a_script_relaunches_once_with_the_tunables(tmp_path):
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    import jaxgpt.launch as launch
-
-    script = tmp_path / "show_env.py"
-    script.write_text(
-        "import os, sys\n"
-        f"sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})\n"
-        "from jaxgpt.launch import relaunch_with_fast_allocator\n"
-        "print('start', flush=True)\n"
-        "relaunch_with_fast_allocator()\n"
-        "print('tunables', os.environ.get('GLIBC_TUNABLES', ''), sys.argv[1:])\n"
-    )
-    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "JAXGPT_LAUNCHER_SET", OPT_OUT)}
-    out = subprocess.run(
-        [sys.executable, str(script), "--flag", "x y"], env=env, capture_output=True, text=True, timeout=60
-    )
-    assert out.returncode == 0, out.stderr
-    lines = out.stdout.splitlines()
-    assert lines[-1].endswith("['--flag', 'x y']")  # arguments survive the re-execution
-    if launch._uses_glibc():
-        assert lines.count("start") == 2  # ran again exactly once
-        assert "glibc.malloc.hugetlb=1" in lines[-1]
-    else:
-        assert lines.count("start") == 1
 
 
 def test_bf16_train_loss_with_a_tied_head_and_one_chunk_runs_and_tracks_float32():
