@@ -8,7 +8,7 @@ function of its inputs and an explicit ``jax.random`` key.
 """
 
 from jaxgpt.checkpoint import load_checkpoint
-from jaxgpt.config import PRESETS, GPTConfig, get_config
+from jaxgpt.config import PRESETS, GPTConfig, backend_defaults, get_config
 from jaxgpt.data import DataLoader, create_dataloader, default_corpus, sliding_windows, train_val_split
 from jaxgpt.generate import apply_temperature, generate, sample_next_token, top_k_mask, top_p_mask
 from jaxgpt.loss import calc_loss_batch, calc_loss_loader, cross_entropy
@@ -43,6 +43,7 @@ __all__ = [
     "TrainConfig",
     "TrainState",
     "apply_temperature",
+    "backend_defaults",
     "book_state_dict",
     "calc_loss_batch",
     "calc_loss_loader",

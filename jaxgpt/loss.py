@@ -62,6 +62,8 @@ def _chunked_loss_and_grads(
     float32.
     """
     N, C = x.shape
+    if dtype != "float32":  # once here, not in every chunk (XLA does not hoist it out of the scan)
+        head = head.astype(jnp.bfloat16)
     n_chunks = -(-N // chunk_rows)
     pad = n_chunks * chunk_rows - N
     xs = jnp.pad(x, ((0, pad), (0, 0))).reshape(n_chunks, chunk_rows, C)

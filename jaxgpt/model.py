@@ -17,6 +17,7 @@ nothing in a module is mutable state.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -68,23 +69,27 @@ def _transposed(a: Array) -> Array:
     return jnp.transpose(a[:, :, None], (1, 0, 2)).reshape(a.shape[1], a.shape[0])
 
 
-@jax.custom_vjp
-def _bf16_matmul(x: Array, w: Array) -> Array:
-    """(M, K) @ (K, N) -> (M, N) float32, multiplying in bfloat16 and accumulating in float32."""
-    return jnp.dot(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _bf16_matmul(x: Array, w: Array, out_dtype: Any) -> Array:
+    """(M, K) @ (K, N) -> (M, N) ``out_dtype``, multiplying in bfloat16 and accumulating in float32.
+
+    ``x`` arrives in ``out_dtype`` (the caller casts it), so its gradient has that dtype too.
+    """
+    return jnp.dot(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16), preferred_element_type=out_dtype)
 
 
-def _bf16_matmul_fwd(x: Array, w: Array) -> tuple[Array, tuple[Array, Array]]:
+def _bf16_matmul_fwd(x: Array, w: Array, out_dtype: Any) -> tuple[Array, tuple[Array, Array]]:
     x16, w16 = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)  # saved for the backward in bf16
-    return jnp.dot(x16, w16, preferred_element_type=jnp.float32), (x16, w16)
+    return jnp.dot(x16, w16, preferred_element_type=out_dtype), (x16, w16)
 
 
-def _bf16_matmul_bwd(res: tuple[Array, Array], g: Array) -> tuple[Array, Array]:
+def _bf16_matmul_bwd(out_dtype: Any, res: tuple[Array, Array], g: Array) -> tuple[Array, Array]:
     # Autodiff would give the backward matmuls float32 cotangents (so float32 speed); here both
-    # are bf16 x bf16 -> f32 too. Gradients come back in float32, like the params they update.
+    # are bf16 x bf16 products too. The weight gradient comes back in float32, like the param it
+    # updates; the input's in out_dtype, like the input.
     x16, w16 = res
     g16 = g.astype(jnp.bfloat16)
-    dx = jnp.dot(g16, _transposed(w16), preferred_element_type=jnp.float32)  # (M, K)
+    dx = jnp.dot(g16, _transposed(w16), preferred_element_type=out_dtype)  # (M, K)
     dw = jnp.dot(_transposed(x16), g16, preferred_element_type=jnp.float32)  # (K, N)
     return dx, dw
 
@@ -92,12 +97,17 @@ def _bf16_matmul_bwd(res: tuple[Array, Array], g: Array) -> tuple[Array, Array]:
 _bf16_matmul.defvjp(_bf16_matmul_fwd, _bf16_matmul_bwd)
 
 
-def matmul(x: Array, w: Array, dtype: str) -> Array:
-    """x (..., K) @ w (K, N) -> (..., N) in float32; ``dtype="bfloat16"`` multiplies in bf16."""
+def matmul(x: Array, w: Array, dtype: str, out_dtype: str = "float32") -> Array:
+    """x (..., K) @ w (K, N) -> (..., N) in ``out_dtype``; ``dtype="bfloat16"`` multiplies in bf16.
+
+    ``out_dtype="bfloat16"`` (with bf16 multiplication only) also returns bf16 and takes x in bf16.
+    """
     if dtype == "float32":
         return x @ w
     lead = x.shape[:-1]
-    return _bf16_matmul(x.reshape(-1, x.shape[-1]), w).reshape(*lead, w.shape[-1])
+    out = jnp.dtype(out_dtype)
+    y = _bf16_matmul(x.reshape(-1, x.shape[-1]).astype(out), w, out)
+    return y.reshape(*lead, w.shape[-1])
 
 
 class Linear(nn.Module):
@@ -114,10 +124,10 @@ class Linear(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:  # (..., in) -> (..., features)
         kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), jnp.float32)
-        y = matmul(x, kernel, self.cfg.dtype)
+        y = matmul(x, kernel, self.cfg.dtype, self.cfg.activation_dtype)
         if self.use_bias:
             bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
-            y = y + bias.reshape((1,) * (y.ndim - 1) + (-1,))
+            y = y + bias.astype(y.dtype).reshape((1,) * (y.ndim - 1) + (-1,))
         return y
 
 
@@ -208,7 +218,8 @@ class FeedForward(nn.Module):
     def __call__(self, x: Array) -> Array:  # (B, T, C) -> (B, T, C)
         C = self.cfg.emb_dim
         # `layers_0` and `layers_2` mirror the book's nn.Sequential indices (1 is the GELU).
-        h = gelu(Linear(self.cfg, 4 * C, name="layers_0")(x))  # (B, T, 4C)
+        h = Linear(self.cfg, 4 * C, name="layers_0")(x)  # (B, T, 4C)
+        h = gelu(h.astype(jnp.float32)).astype(h.dtype)  # float32 arithmetic, bf16 activations stay bf16
         return Linear(self.cfg, C, name="layers_2")(h)  # (B, T, C)
 
 
@@ -230,10 +241,14 @@ def _attention_with_dropout(
     token, a third of the decode's op time at B=8.
     """
     head_dim = queries.shape[-1]
-    attn_scores = jnp.einsum(f"bthd,{kv_layout}->bhts", queries, keys)  # (B, n_heads, T, S)
+    # the scores and their softmax in float32 whatever the activations' dtype
+    attn_scores = jnp.einsum(
+        f"bthd,{kv_layout}->bhts", queries, keys, preferred_element_type=jnp.float32
+    )  # (B, n_heads, T, S)
     attn_scores = jnp.where(mask, attn_scores / math.sqrt(head_dim), -jnp.inf)
     attn_weights = jax.nn.softmax(attn_scores, axis=-1)
     attn_weights = dropout(attn_weights, deterministic=deterministic)
+    attn_weights = attn_weights.astype(values.dtype)
     return jnp.einsum(f"bhts,{kv_layout}->bthd", attn_weights, values)  # (B, T, n_heads, head_dim)
 
 
@@ -251,7 +266,7 @@ def _fused_attention(queries: Array, keys: Array, values: Array, mask: Array | N
             out = jax.nn.dot_product_attention(
                 q, k, v, mask=mask, scale=scale, is_causal=causal, implementation="cudnn"
             )
-            return out.astype(jnp.float32)
+            return out.astype(queries.dtype)
         except Exception:  # this GPU/cuDNN/shape has no fused kernel: XLA's version below
             pass
     return jax.nn.dot_product_attention(queries, keys, values, mask=mask, scale=scale, is_causal=causal)
@@ -327,10 +342,11 @@ class TransformerBlock(nn.Module):
         att, ff = MultiHeadAttention(cfg, self.deterministic, name="att"), FeedForward(cfg, name="ff")
         drop_shortcut = Dropout(cfg.drop_rate, deterministic=self.deterministic, name="drop_shortcut")
 
+        act = cfg.activation_dtype  # the branches' activations; x, the residual stream, stays float32
         if cfg.norm_first:  # Pre-LN (GPT-2, the book): normalise the input of each sub-layer
-            h, kv = att(norm1(x), mask, kv, index)
+            h, kv = att(norm1(x).astype(act), mask, kv, index)
             x = x + drop_shortcut(h)  # shortcut connection
-            x = x + drop_shortcut(ff(norm2(x)))
+            x = x + drop_shortcut(ff(norm2(x).astype(act)))
         else:  # Post-LN (the original Transformer): normalise after each shortcut addition
             h, kv = att(x, mask, kv, index)
             x = norm1(x + drop_shortcut(h))

@@ -150,6 +150,7 @@ def bench_jaxgpt_train(args) -> dict:
         args.preset,
         context_length=args.context_length,
         dtype=args.dtype,
+        activation_dtype=args.activation_dtype,
         remat=args.remat,
         drop_rate=args.drop_rate,
         scan_unroll=args.scan_unroll,
@@ -193,6 +194,9 @@ def bench_jaxgpt_train(args) -> dict:
     loss = out["loss"] if isinstance(out, dict) else out
     step_s = statistics.median(times)
     peak_rss_mb = _peak_rss_mb()
+    profile = None
+    if args.profile:  # after the timed steps, so tracing costs them nothing
+        profile = _profile_steps(run, state, args.profile, first=args.warmup + args.steps)
 
     # without the position table, and without vocabulary padding: only useful work counts
     n_flop_params = n_params - (cfg.context_length + cfg.padded_vocab_size - cfg.vocab_size) * cfg.emb_dim
@@ -205,7 +209,9 @@ def bench_jaxgpt_train(args) -> dict:
         "context_length": T,
         "batch_size": B,
         "dtype": cfg.dtype,
+        "activation_dtype": cfg.activation_dtype,
         "remat": cfg.remat,
+        "scan_unroll": cfg.scan_unroll,
         "vocab_pad_multiple": cfg.vocab_pad_multiple,
         "loss": args.loss,
         "drop_rate": cfg.drop_rate,
@@ -244,7 +250,85 @@ def bench_jaxgpt_train(args) -> dict:
         if chip_peak is not None:
             result["chip_bf16_peak_tflops"] = chip_peak / 1e12
             result["mfu"] = achieved / chip_peak
+    if profile is not None:
+        result["profile"] = profile
     return result
+
+
+PROFILED_STEPS = 3
+
+
+def _profile_steps(run, state, directory: str, first: int) -> dict:
+    """Run ``PROFILED_STEPS`` more steps under ``jax.profiler.trace`` and summarise the device ops."""
+    import jax
+
+    try:
+        with jax.profiler.trace(directory, create_perfetto_trace=True):
+            for i in range(PROFILED_STEPS):
+                state, _ = run(state, first + i)
+    except Exception as err:  # e.g. no CUPTI on this GPU machine: the bench's figures still stand
+        return {"error": f"{type(err).__name__}: {err}"}
+    return summarize_trace(directory, PROFILED_STEPS)
+
+
+# Kernel names by what they compute (cuBLAS / CUTLASS / cuDNN / XLA's own fused kernels).
+_KERNEL_KINDS = (
+    ("attention", ("sdpa", "fmha", "flash", "attention")),
+    ("matmul", ("gemm", "xmma", "cutlass", "nvjet", "gemv", "cublas", "wgmma")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    return next((kind for kind, keys in _KERNEL_KINDS if any(k in low for k in keys)), "other")
+
+
+def summarize_trace(directory: str, n_steps: int, top: int = 25) -> dict:
+    """Where the device time goes, from the newest ``perfetto_trace.json.gz`` under ``directory``.
+
+    Sums the duration of every op an accelerator ran (the threads of the ``/device:...`` processes
+    whose names start with "Stream", i.e. the kernels), per step: the total, by kind (matmul,
+    attention, other: XLA's fused elementwise / reduction kernels) and the ``top`` kernels.
+    A CPU trace has no such ops (XLA's CPU runtime records no per-op events): {"error": ...}.
+    """
+    import gzip
+    from collections import defaultdict
+
+    traces = sorted(Path(directory).rglob("*perfetto_trace.json.gz"), key=lambda q: q.stat().st_mtime)
+    if not traces:
+        return {"error": f"no perfetto_trace.json.gz under {directory}"}
+    with gzip.open(traces[-1], "rt") as f:
+        data = json.load(f)
+    events = data["traceEvents"] if isinstance(data, dict) else data
+    processes = {e["pid"]: e["args"]["name"] for e in events if e.get("name") == "process_name"}
+    threads = {(e["pid"], e["tid"]): e["args"]["name"] for e in events if e.get("name") == "thread_name"}
+    per_thread: dict[str, float] = defaultdict(float)
+    per_kernel: dict[str, float] = defaultdict(float)
+    for e in events:
+        if e.get("ph") != "X" or not processes.get(e.get("pid"), "").startswith("/device:"):
+            continue
+        thread = threads.get((e["pid"], e.get("tid")), str(e.get("tid")))
+        per_thread[thread] += e.get("dur", 0.0)
+        if thread.startswith("Stream"):
+            per_kernel[e["name"]] += e.get("dur", 0.0)
+    if not per_kernel:
+        return {"error": "no device kernels in the trace", "trace": str(traces[-1])}
+    total = sum(per_kernel.values())
+    by_kind: dict[str, float] = defaultdict(float)
+    for name, dur in per_kernel.items():
+        by_kind[kernel_kind(name)] += dur
+    ms = 1e-3 / n_steps  # trace durations are in microseconds
+    ranked = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:top]
+    return {
+        "trace": str(traces[-1]),
+        "kernel_ms_per_step": total * ms,
+        "by_kind_ms_per_step": {k: v * ms for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
+        "threads_ms_per_step": {k: v * ms for k, v in sorted(per_thread.items(), key=lambda kv: -kv[1])},
+        "top_kernels": [
+            {"name": name[:160], "kind": kernel_kind(name), "ms_per_step": dur * ms, "share": dur / total}
+            for name, dur in ranked
+        ],
+    }
 
 
 # --------------------------------------------------------------------------- PyTorch references
@@ -426,6 +510,7 @@ def cmd_train(args) -> int:
 def _print_jaxgpt(r: dict) -> None:
     print(
         f"jaxgpt {r['preset']} T={r['context_length']} B={r['batch_size']} dtype={r['dtype']} "
+        f"activations={r['activation_dtype']} "
         f"remat={r['remat']} dropout={r['drop_rate']} on {r['device']} ({r['step_source']})"
     )
     print(f"  compile_s          {r['compile_s']:.2f}")
@@ -452,6 +537,16 @@ def _print_jaxgpt(r: dict) -> None:
     if "mfu" in r:
         print(f"  mfu                {r['mfu']:.3f} of {r['chip_bf16_peak_tflops']:.0f} TFLOP/s bf16 peak")
     print(f"  allocator env      {r.get('allocator_env') or 'default'}")
+    prof = r.get("profile")
+    if prof is not None:
+        if "error" in prof:
+            print(f"  profile            {prof['error']}")
+            return
+        kinds = "  ".join(f"{k} {v:.1f}" for k, v in prof["by_kind_ms_per_step"].items())
+        print(f"  profile            kernels {prof['kernel_ms_per_step']:.1f} ms/step: {kinds}")
+        for k in prof["top_kernels"]:
+            print(f"    {k['ms_per_step']:7.2f} ms {100 * k['share']:5.1f}%  {k['kind']:<9} {k['name'][:90]}")
+        print(f"  trace              {prof['trace']}")
 
 
 def _print_ref(r: dict) -> None:
@@ -508,6 +603,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="compute dtype of the matmuls; params and AdamW state stay float32 (default float32)",
     )
     t.add_argument(
+        "--activation-dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="dtype of the activations inside the attention and feed-forward branches "
+        "(GPTConfig.activation_dtype; bfloat16 needs --dtype bfloat16; default float32)",
+    )
+    t.add_argument(
         "--remat",
         default="none",
         choices=["none", "full", "dots"],
@@ -545,6 +647,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--ref-steps", type=int, default=3, help="timed steps of each reference (default 3)")
     t.add_argument(
         "--threads", type=int, default=None, help="PyTorch threads (default: all cores, as JAX uses)"
+    )
+    t.add_argument(
+        "--profile",
+        metavar="DIR",
+        default=None,
+        help=f"after timing, trace {PROFILED_STEPS} more steps with jax.profiler into DIR (open it in "
+        "Perfetto or TensorBoard) and print where the accelerator's time goes, by kernel",
     )
     t.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     sub.add_parser(

@@ -5,12 +5,15 @@
 #
 # Uses the system python3 as it is when it already has JAX with a GPU and jaxgpt's dependencies
 # (run from the checkout, PYTHONPATH=.; nothing is installed: such machines may have no PyPI).
-# Otherwise installs jaxgpt with JAX's CUDA 12 wheels (from PyPI) into /tmp/jaxgpt-gpuvenv. Then tries batch sizes
-# from large to small and reports tokens/s and MFU (model FLOPs / the chip's dense bf16 peak) of the
-# first that fits. Dropout is off (as in GPT-2 reproductions such as llm.c), so attention runs as
-# cuDNN flash attention; the loss is the chunked one (jaxgpt.loss.train_loss), so the logits of the
-# whole batch are never held. About 3 minutes of install and 1 minute per batch size tried.
-# JSON lines go to $OUT (or ./gpu_bench_out) as gpu_bench_B<batch>.json.
+# Otherwise installs jaxgpt with JAX's CUDA 12 wheels (from PyPI) into /tmp/jaxgpt-gpuvenv. Then tries
+# batch sizes from large to small and reports tokens/s and MFU (model FLOPs / the chip's dense bf16
+# peak) of the first that fits, and where its step's GPU time goes (a jax.profiler trace of 3 steps).
+# The settings are jaxgpt's GPU defaults (jaxgpt.config.backend_defaults): bf16 matmuls and
+# activations, the 12 blocks unrolled. Dropout is off (as in GPT-2 reproductions such as llm.c), so
+# attention runs as cuDNN flash attention; the loss is the chunked one (jaxgpt.loss.train_loss), so
+# the logits of the whole batch are never held. About 1 minute per batch size tried (most of it the
+# compile), plus 3 minutes of install where one is needed.
+# JSON lines go to $OUT (or ./gpu_bench_out) as gpu_bench_B<batch>.json, the trace under profile/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR="${OUT:-gpu_bench_out}"
@@ -34,13 +37,16 @@ fi
 $PY -c "import jax; print('jax', jax.__version__, jax.devices())" || exit 1
 echo "install took $(( $(date +%s) - START )) s"
 
-BATCHES="${BATCHES:-64 48 32 16 8}"
+BATCHES="${BATCHES:-192 128 64 32 16 8}"
+# the CPU allocator launcher is for CPU steps; XLA may take 90% of the GPU's memory
+export JAXGPT_NO_RELAUNCH=1 XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}"
 best=""
 for B in $BATCHES; do
   echo "=== batch $B ($(( $(date +%s) - START )) s elapsed)"
   if timeout 240 $PY scripts/bench.py train --json --preset gpt2-small --context-length 1024 \
-      --dtype bfloat16 --vocab-pad-multiple 64 --drop-rate 0.0 --loss chunked --batch-size "$B" \
-      --steps 10 --warmup 2 --references none > "$OUT_DIR/gpu_bench_B$B.json" 2> "$OUT_DIR/gpu_bench_B$B.err"; then
+      --dtype bfloat16 --activation-dtype bfloat16 --scan-unroll 12 --vocab-pad-multiple 64 \
+      --drop-rate 0.0 --loss chunked --batch-size "$B" --steps 10 --warmup 3 --references none \
+      --profile "$OUT_DIR/profile" > "$OUT_DIR/gpu_bench_B$B.json" 2> "$OUT_DIR/gpu_bench_B$B.err"; then
     best=$B
     break
   fi
@@ -57,6 +63,14 @@ print(f"model TFLOP/s {r['achieved_gflops'] / 1e3:.1f}  matmul TFLOP/s (8192^3 b
 if "mfu" in r:
     print(f"MFU {r['mfu']:.3f} of {r['chip_bf16_peak_tflops']:.0f} TFLOP/s dense bf16")
 if "peak_device_mb" in r:
-    print(f"peak device memory {r['peak_device_mb']:.0f} MB")
+    print(f"peak device memory {r['peak_device_mb']:.0f} MiB")
+p = r.get("profile", {})
+if "kernel_ms_per_step" in p:
+    kinds = ", ".join(f"{k} {v:.1f}" for k, v in p["by_kind_ms_per_step"].items())
+    print(f"GPU kernels {p['kernel_ms_per_step']:.1f} ms per step: {kinds}")
+    for k in p["top_kernels"][:10]:
+        print(f"  {k['ms_per_step']:6.2f} ms  {k['kind']:<9} {k['name'][:100]}")
+elif p:
+    print(f"profile: {p.get('error')}")
 EOF
 echo "total $(( $(date +%s) - START )) s"

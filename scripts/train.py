@@ -33,7 +33,7 @@ from tqdm import tqdm  # noqa: E402
 
 from jaxgpt import sharding  # noqa: E402
 from jaxgpt.checkpoint import CheckpointError, CheckpointManager  # noqa: E402
-from jaxgpt.config import PRESETS, get_config  # noqa: E402
+from jaxgpt.config import PRESETS, backend_defaults, get_config  # noqa: E402
 from jaxgpt.data import default_corpus  # noqa: E402
 from jaxgpt.model import count_params  # noqa: E402
 from jaxgpt.plot import plot_losses  # noqa: E402
@@ -124,8 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
     a(
         "--dtype",
         choices=["float32", "bfloat16"],
-        help="compute dtype of the matmuls; params and AdamW state stay float32 (default: float32). "
-        "On a CPU, bfloat16 runs fastest with --remat dots",
+        help="compute dtype of the matmuls; params and AdamW state stay float32 (default: float32 on a "
+        "CPU, as in the book; bfloat16 on a GPU or TPU, with --set activation_dtype=bfloat16 and, on a "
+        "GPU, the blocks unrolled: see jaxgpt.config.backend_defaults). On a CPU, bfloat16 runs "
+        "fastest with --remat dots",
     )
     a(
         "--remat",
@@ -281,6 +283,11 @@ def setup(args: argparse.Namespace) -> dict[str, Any]:
     overrides = _parse_overrides(args.set)
     if args.dtype is not None:
         overrides["dtype"] = args.dtype
+    n_layers = overrides.get("n_layers", preset_cfg.n_layers)
+    defaults = backend_defaults(jax.default_backend(), n_layers)
+    if overrides.get("dtype") == "float32":  # float32 asked for: no bf16 activations either
+        defaults.pop("activation_dtype", None)
+    overrides = {**defaults, **overrides}
     if args.remat is not None:
         overrides["remat"] = args.remat
     if args.context_length is not None:

@@ -1,6 +1,6 @@
 import pytest
 
-from jaxgpt.config import PRESETS, GPTConfig, get_config
+from jaxgpt.config import PRESETS, GPTConfig, backend_defaults, get_config
 
 
 def test_defaults_are_the_books_124m_config():
@@ -49,6 +49,8 @@ def test_config_is_frozen_and_replace_validates():
         ("drop_rate", 1.0),
         ("drop_rate", -0.1),
         ("dtype", "float16"),
+        ("activation_dtype", "float16"),
+        ("activation_dtype", "bfloat16"),  # bf16 activations need bf16 matmuls (dtype stays float32 here)
         ("remat", "sometimes"),
         ("scan_unroll", 0),
         ("vocab_pad_multiple", 0),
@@ -77,3 +79,12 @@ def test_dict_round_trip_and_unknown_keys():
 )
 def test_padded_vocab_size_rounds_up_to_the_multiple(vocab, multiple, padded):
     assert GPTConfig(vocab_size=vocab, vocab_pad_multiple=multiple).padded_vocab_size == padded
+
+
+def test_backend_defaults_keep_the_book_on_cpu_and_make_valid_configs_elsewhere():
+    assert backend_defaults("cpu", 12) == {}  # float32, scanned: the book's settings
+    for name, preset in PRESETS.items():
+        for backend in ("gpu", "tpu"):
+            cfg = get_config(name, **backend_defaults(backend, preset.n_layers))
+            assert (cfg.dtype, cfg.activation_dtype) == ("bfloat16", "bfloat16")
+        assert get_config(name, **backend_defaults("gpu", preset.n_layers)).scan_unroll == preset.n_layers

@@ -45,13 +45,27 @@ def test_bf16_matmul_and_its_gradients_are_bf16_products_summed_in_f32():
     rng = np.random.default_rng(0)
     x, w, g = (rng.normal(size=s).astype(np.float32) for s in ((5, 8), (8, 3), (5, 3)))
     xb, wb, gb = _bf16_round(x), _bf16_round(w), _bf16_round(g)
-    out, vjp = jax.vjp(_bf16_matmul, jnp.asarray(x), jnp.asarray(w))
+    out, vjp = jax.vjp(lambda x, w: _bf16_matmul(x, w, jnp.float32), jnp.asarray(x), jnp.asarray(w))
     dx, dw = vjp(jnp.asarray(g))
     assert out.dtype == dx.dtype == dw.dtype == jnp.float32
     np.testing.assert_allclose(out, xb @ wb, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(dx, gb @ wb.T, rtol=1e-5, atol=1e-5)  # backward in bf16 too
     np.testing.assert_allclose(dw, xb.T @ gb, rtol=1e-5, atol=1e-5)
     assert np.abs(np.asarray(out) - x @ w).max() > 1e-4  # it really rounded the inputs
+
+
+def test_bf16_matmul_with_bf16_activations_rounds_only_its_outputs():
+    # bf16 in, bf16 out (summed in f32, then rounded once); the weight gradient stays float32
+    rng = np.random.default_rng(1)
+    x, w, g = (rng.normal(size=s).astype(np.float32) for s in ((6, 16), (16, 5), (6, 5)))
+    xb, wb, gb = _bf16_round(x), _bf16_round(w), _bf16_round(g)
+    bf16 = jnp.bfloat16
+    out, vjp = jax.vjp(lambda x, w: _bf16_matmul(x, w, bf16), jnp.asarray(xb, bf16), jnp.asarray(w))
+    dx, dw = vjp(jnp.asarray(gb, bf16))
+    assert (out.dtype, dx.dtype, dw.dtype) == (bf16, bf16, jnp.float32)
+    np.testing.assert_array_equal(np.asarray(out, np.float32), _bf16_round(xb @ wb))
+    np.testing.assert_array_equal(np.asarray(dx, np.float32), _bf16_round(gb @ wb.T))
+    np.testing.assert_allclose(dw, xb.T @ gb, rtol=1e-5, atol=1e-5)
 
 
 def test_bf16_keeps_float32_params_and_gradients():
@@ -67,10 +81,35 @@ def test_bf16_keeps_float32_params_and_gradients():
     np.testing.assert_allclose(logits, fp32, atol=2e-2)  # bf16 has 8 bits of mantissa
 
 
+def test_bf16_activations_keep_float32_params_gradients_and_logits():
+    cfg = TINY.replace(dtype="bfloat16", activation_dtype="bfloat16")
+    params = init_params(cfg, jax.random.key(0))
+    idx = jnp.asarray(np.arange(12).reshape(2, 6) % cfg.vocab_size)
+    grads = jax.jit(jax.grad(lambda p: cross_entropy(GPTModel(cfg).apply({"params": p}, idx), idx)))(params)
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree_util.tree_leaves(grads))
+    logits = GPTModel(cfg).apply({"params": params}, idx)
+    assert logits.dtype == jnp.float32
+    np.testing.assert_allclose(logits, GPTModel(TINY).apply({"params": params}, idx), atol=3e-2)
+
+
+def test_bf16_activations_decode_with_the_kv_cache_like_the_full_forward():
+    from jaxgpt.model import init_cache
+
+    cfg = TINY.replace(dtype="bfloat16", activation_dtype="bfloat16")
+    params = init_params(cfg, jax.random.key(2))
+    idx = jnp.asarray(np.arange(10).reshape(2, 5) % cfg.vocab_size)
+    full = GPTModel(cfg).apply({"params": params}, idx)  # (B, T, V), no cache
+    cache = init_cache(cfg, batch_size=2, size=8)
+    logits, cache = GPTModel(cfg).apply({"params": params}, idx[:, :4], cache=cache)
+    last, _ = GPTModel(cfg).apply({"params": params}, idx[:, 4:], cache=cache)
+    np.testing.assert_allclose(jnp.concatenate([logits, last], axis=1), full, atol=3e-2)
+
+
 BF16_LOSS_TOL = 0.05  # max |loss_bf16 - loss_fp32| over a short run, nats (stated in the README)
 
 
-def test_bf16_training_loss_tracks_float32():
+@pytest.mark.parametrize("activation_dtype", ["float32", "bfloat16"])
+def test_bf16_training_loss_tracks_float32(activation_dtype):
     cfg = GPTConfig(vocab_size=64, context_length=16, emb_dim=64, n_heads=4, n_layers=2, drop_rate=0.0)
     rng = np.random.default_rng(0)
     data = rng.integers(0, 16, (4, 17))  # a learnable pattern: tokens from a small sub-vocabulary
@@ -97,7 +136,7 @@ def test_bf16_training_loss_tracks_float32():
         return np.array(losses), params
 
     fp32, _ = run(cfg)
-    bf16, params = run(cfg.replace(dtype="bfloat16"))
+    bf16, params = run(cfg.replace(dtype="bfloat16", activation_dtype=activation_dtype))
     assert fp32[-1] < fp32[0] - 1.0  # the run learns something
     assert np.abs(bf16 - fp32).max() < BF16_LOSS_TOL, np.abs(bf16 - fp32)
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree_util.tree_leaves(params))

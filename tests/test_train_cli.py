@@ -176,3 +176,19 @@ def test_help_documents_every_flag():
         --save-every --keep --seed --out --resume --set""".split()
     for flag in flags:
         assert flag in text
+
+
+def test_precision_defaults_follow_the_backend(full_run, text_file, tmp_path, monkeypatch):
+    def model_config(out, *extra):
+        argv = [*TINY, "--set", "n_layers=2", "--max-steps", "1", "--eval-freq", "5", *extra]
+        assert cli.main([*argv, "--data", str(text_file), "--out", str(out)]) == 0
+        return json.loads((out / "config.json").read_text())["model_config"]
+
+    on_cpu = json.loads((full_run / "config.json").read_text())["model_config"]
+    assert (on_cpu["dtype"], on_cpu["activation_dtype"], on_cpu["scan_unroll"]) == ("float32", "float32", 1)
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # what the CLI would see on a GPU
+    gpu = model_config(tmp_path / "gpu")
+    assert (gpu["dtype"], gpu["activation_dtype"], gpu["scan_unroll"]) == ("bfloat16", "bfloat16", 2)
+    asked = model_config(tmp_path / "f32", "--dtype", "float32")  # the user's choice wins
+    assert (asked["dtype"], asked["activation_dtype"]) == ("float32", "float32")
