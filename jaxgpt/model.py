@@ -113,7 +113,8 @@ def matmul(x: Array, w: Array, dtype: str, out_dtype: str = "float32") -> Array:
 class Linear(nn.Module):
     """``x @ kernel + bias`` (torch's nn.Linear; the param tree of ``flax.linen.Dense``).
 
-    Params stay float32; ``cfg.dtype`` only sets the precision of the multiplication.
+    Params stay float32; ``cfg.dtype`` sets the precision of the multiplication and
+    ``cfg.activation_dtype`` the dtype of the output.
     """
 
     cfg: GPTConfig
