@@ -271,10 +271,10 @@ def _profile_steps(run, state, directory: str, first: int) -> dict:
     return summarize_trace(directory, PROFILED_STEPS)
 
 
-# Kernel names by what they compute (cuBLAS / CUTLASS / cuDNN / XLA's own fused kernels).
-_KERNEL_KINDS = (
-    ("attention", ("sdpa", "fmha", "flash", "attention")),
-    ("matmul", ("gemm", "xmma", "cutlass", "nvjet", "gemv", "cublas", "wgmma")),
+_KERNEL_KINDS = (  # by name: cuBLAS / CUTLASS / cuDNN kernels, XLA CPU's YNNPACK / oneDNN / Eigen dots
+    ("attention", ("sdpa", "fmha", "flash", "attention", "cudnn::fusion")),
+    ("matmul", ("gemm", "xmma", "cutlass", "nvjet", "gemv", "cublas", "wgmma", "ynn_fusion", "onednn")),
+    ("matmul", ("dot",)),
 )
 
 
@@ -283,13 +283,36 @@ def kernel_kind(name: str) -> str:
     return next((kind for kind, keys in _KERNEL_KINDS if any(k in low for k in keys)), "other")
 
 
-def summarize_trace(directory: str, n_steps: int, top: int = 25) -> dict:
-    """Where the device time goes, from the newest ``perfetto_trace.json.gz`` under ``directory``.
+# XLA's CPU runtime wraps the ops it runs in these events; their own time is not an op's.
+_CPU_WRAPPERS = ("ThunkExecutor::", "SlinkyThreadPool::")
 
-    Sums the duration of every op an accelerator ran (the threads of the ``/device:...`` processes
-    whose names start with "Stream", i.e. the kernels), per step: the total, by kind (matmul,
-    attention, other: XLA's fused elementwise / reduction kernels) and the ``top`` kernels.
-    A CPU trace has no such ops (XLA's CPU runtime records no per-op events): {"error": ...}.
+
+def _self_times(events: list[dict]) -> dict[str, float]:
+    """Per event name, the time spent in it outside the events nested inside it (one thread's)."""
+    from collections import defaultdict
+
+    out: dict[str, float] = defaultdict(float)
+    stack: list[tuple[float, float, str]] = []  # (start, duration, name) of the enclosing events
+    for e in sorted(events, key=lambda e: (e["ts"], -e.get("dur", 0.0))):
+        while stack and stack[-1][0] + stack[-1][1] <= e["ts"]:
+            stack.pop()
+        dur = e.get("dur", 0.0)
+        if stack:
+            out[stack[-1][2]] -= dur  # the enclosing event's own time excludes this one
+        stack.append((e["ts"], dur, e["name"]))
+        out[e["name"]] += dur
+    return out
+
+
+def summarize_trace(directory: str, n_steps: int, top: int = 25) -> dict:
+    """Where the step's time goes, from the newest ``perfetto_trace.json.gz`` under ``directory``.
+
+    On an accelerator: the kernels (the threads of the ``/device:...`` processes whose names start
+    with "Stream"; kernels a CUDA graph runs side by side each count in full). On a CPU: the ops
+    XLA's thread pool ran (threads "tf_XLAEigen..."), each counted without the ops nested in it;
+    XLA records those only when it runs with ``XLA_FLAGS=--xla_cpu_enable_xprof_traceme=true``.
+    Per step: the total (summed over threads), by kind (matmul, attention, other: XLA's fused
+    elementwise, reduction and copy kernels), per thread, and the ``top`` ops by name.
     """
     import gzip
     from collections import defaultdict
@@ -302,17 +325,37 @@ def summarize_trace(directory: str, n_steps: int, top: int = 25) -> dict:
     events = data["traceEvents"] if isinstance(data, dict) else data
     processes = {e["pid"]: e["args"]["name"] for e in events if e.get("name") == "process_name"}
     threads = {(e["pid"], e["tid"]): e["args"]["name"] for e in events if e.get("name") == "thread_name"}
+    by_thread: dict[tuple, list[dict]] = defaultdict(list)
+    for e in events:
+        if e.get("ph") == "X":
+            by_thread[(e.get("pid"), e.get("tid"))].append(e)
+
+    def pick(keep) -> dict[tuple, list[dict]]:
+        return {k: v for k, v in by_thread.items() if keep(processes.get(k[0], ""), threads.get(k, ""))}
+
+    chosen = pick(lambda proc, thread: proc.startswith("/device:") and thread.startswith("Stream"))
+    on_device = bool(chosen)
+    if not on_device:
+        chosen = pick(lambda proc, thread: thread.startswith("tf_XLAEigen"))
     per_thread: dict[str, float] = defaultdict(float)
     per_kernel: dict[str, float] = defaultdict(float)
-    for e in events:
-        if e.get("ph") != "X" or not processes.get(e.get("pid"), "").startswith("/device:"):
-            continue
-        thread = threads.get((e["pid"], e.get("tid")), str(e.get("tid")))
-        per_thread[thread] += e.get("dur", 0.0)
-        if thread.startswith("Stream"):
-            per_kernel[e["name"]] += e.get("dur", 0.0)
+    for key, thread_events in chosen.items():
+        if on_device:  # kernels do not nest, but a CUDA graph may run some at once: each counts
+            durations: dict[str, float] = defaultdict(float)
+            for e in thread_events:
+                durations[e["name"]] += e.get("dur", 0.0)
+        else:
+            durations = _self_times(thread_events)
+        for name, dur in durations.items():
+            if not name.startswith(_CPU_WRAPPERS):
+                per_kernel[name] += dur
+                per_thread[threads.get(key, str(key[1]))] += dur
     if not per_kernel:
-        return {"error": "no device kernels in the trace", "trace": str(traces[-1])}
+        return {
+            "error": "no device kernels or XLA CPU ops in the trace (on a CPU, run with "
+            "XLA_FLAGS=--xla_cpu_enable_xprof_traceme=true)",
+            "trace": str(traces[-1]),
+        }
     total = sum(per_kernel.values())
     by_kind: dict[str, float] = defaultdict(float)
     for name, dur in per_kernel.items():
@@ -543,7 +586,7 @@ def _print_jaxgpt(r: dict) -> None:
             print(f"  profile            {prof['error']}")
             return
         kinds = "  ".join(f"{k} {v:.1f}" for k, v in prof["by_kind_ms_per_step"].items())
-        print(f"  profile            kernels {prof['kernel_ms_per_step']:.1f} ms/step: {kinds}")
+        print(f"  profile            {prof['kernel_ms_per_step']:.1f} ms per step in kernels or ops: {kinds}")
         for k in prof["top_kernels"]:
             print(f"    {k['ms_per_step']:7.2f} ms {100 * k['share']:5.1f}%  {k['kind']:<9} {k['name'][:90]}")
         print(f"  trace              {prof['trace']}")
@@ -653,7 +696,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         default=None,
         help=f"after timing, trace {PROFILED_STEPS} more steps with jax.profiler into DIR (open it in "
-        "Perfetto or TensorBoard) and print where the accelerator's time goes, by kernel",
+        "Perfetto or TensorBoard) and print where the time goes, by kernel or op (on a CPU, XLA "
+        "records its ops only under XLA_FLAGS=--xla_cpu_enable_xprof_traceme=true)",
     )
     t.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     sub.add_parser(

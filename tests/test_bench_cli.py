@@ -3,6 +3,7 @@
 import gzip
 import json
 
+import pytest
 from scripts_loader import load_script
 
 bench = load_script("bench")
@@ -31,7 +32,11 @@ def test_summarize_trace_sums_device_kernels_per_step_by_kind(tmp_path):
         ("loop_add_fusion_3", 100.0),
         ("input_reduce_fusion", 100.0),
     ]
-    events = meta + [{"ph": "X", "pid": 2, "tid": 7, "ts": 0, "dur": d, "name": n} for n, d in kernels]
+    starts = [sum(d for _, d in kernels[:i]) for i in range(len(kernels))]  # one after the other
+    events = meta + [
+        {"ph": "X", "pid": 2, "tid": 7, "ts": t, "dur": d, "name": n}
+        for t, (n, d) in zip(starts, kernels, strict=True)
+    ]
     events += [
         {"ph": "X", "pid": 2, "tid": 9, "ts": 0, "dur": 2500.0, "name": "jit_train_step"},  # not a kernel
         {"ph": "X", "pid": 1, "tid": 3, "ts": 0, "dur": 9e6, "name": "PjitFunction(train_step)"},  # host
@@ -42,7 +47,7 @@ def test_summarize_trace_sums_device_kernels_per_step_by_kind(tmp_path):
 
     assert s["kernel_ms_per_step"] == 1.0  # 2000 us of kernels over 2 steps
     assert s["by_kind_ms_per_step"] == {"matmul": 0.6, "attention": 0.25, "other": 0.15}
-    assert s["threads_ms_per_step"]["XLA Modules"] == 1.25
+    assert s["threads_ms_per_step"] == {"Stream #7(Compute)": 1.0}  # the module's own line is no kernel
     top = s["top_kernels"][0]
     assert (top["kind"], top["ms_per_step"], top["share"]) == ("matmul", 0.6, 0.6)
     assert sum(k["share"] for k in s["top_kernels"]) == 1.0
@@ -52,4 +57,33 @@ def test_summarize_trace_says_when_there_is_nothing_to_summarize(tmp_path):
     assert "no perfetto_trace" in bench.summarize_trace(str(tmp_path), n_steps=1)["error"]
     host_only = [{"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/host:CPU"}}]
     _write_trace(tmp_path, host_only + [{"ph": "X", "pid": 1, "tid": 1, "ts": 0, "dur": 5.0, "name": "f"}])
-    assert bench.summarize_trace(str(tmp_path), n_steps=1)["error"] == "no device kernels in the trace"
+    assert "no device kernels or XLA CPU ops" in bench.summarize_trace(str(tmp_path), n_steps=1)["error"]
+
+
+def test_summarize_trace_counts_cpu_ops_without_the_ops_nested_in_them(tmp_path):
+    # XLA's CPU runtime (with --xla_cpu_enable_xprof_traceme): ops on its pool threads, a loop's
+    # body nested in the loop, everything inside the executor's own wrapper event.
+    meta = [
+        {"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/host:CPU"}},
+        {"ph": "M", "pid": 1, "tid": 5, "name": "thread_name", "args": {"name": "tf_XLAEigen/123"}},
+        {"ph": "M", "pid": 1, "tid": 6, "name": "thread_name", "args": {"name": "python"}},
+    ]
+    spans = [  # (name, start, duration) in microseconds, one step
+        ("ThunkExecutor::Execute", 0, 1000),
+        ("ynn_fusion.3", 0, 400),
+        ("while.7", 400, 500),
+        ("dynamic-slice_fusion", 450, 100),
+        ("ynn_fusion.4", 600, 250),
+        ("multiply_add_fusion", 900, 100),
+    ]
+    events = meta + [{"ph": "X", "pid": 1, "tid": 5, "ts": t, "dur": d, "name": n} for n, t, d in spans]
+    events.append({"ph": "X", "pid": 1, "tid": 6, "ts": 0, "dur": 1000, "name": "$bench.py run"})
+    _write_trace(tmp_path, events)
+
+    s = bench.summarize_trace(str(tmp_path), n_steps=1)
+
+    assert s["kernel_ms_per_step"] == 1.0  # the wrapper's own time (none here) and python's are out
+    assert s["by_kind_ms_per_step"] == pytest.approx({"matmul": 0.65, "other": 0.35})
+    by_name = {k["name"]: k["ms_per_step"] for k in s["top_kernels"]}
+    assert by_name["while.7"] == pytest.approx(0.15)  # 500 us minus the 350 us of ops inside the loop
+    assert by_name["dynamic-slice_fusion"] == by_name["multiply_add_fusion"] == pytest.approx(0.1)
