@@ -48,14 +48,13 @@ def _mm(a: Array, b: Array, dtype: str) -> Array:
 def _chunked_loss_and_grads(
     x: Array,
     head: Array,
-    head_t: Array,
     targets: Array,
     dtype: str,
     chunk_rows: int,
     vocab_size: int,
     with_grads: bool,
 ) -> tuple[Array, Array | None, Array | None]:
-    """Mean cross-entropy of ``targets`` (N,) under logits ``x @ head``; x (N, C), head (C, V), head_t (V, C).
+    """Mean cross-entropy of ``targets`` (N,) under logits ``x @ head``; x (N, C), head (C, V).
 
     Columns of ``head`` from ``vocab_size`` on are padding: their logits are -inf (probability
     0, gradient 0). With ``with_grads`` also d loss / d x (N, C) and d loss / d head (C, V), both
@@ -64,6 +63,7 @@ def _chunked_loss_and_grads(
     N, C = x.shape
     if dtype != "float32":  # once here, not in every chunk (XLA does not hoist it out of the scan)
         head = head.astype(jnp.bfloat16)
+    head_t = head.T if dtype == "float32" else _transposed(head)  # (V, C), for d loss / d x
     n_chunks = -(-N // chunk_rows)
     pad = n_chunks * chunk_rows - N
     xs = jnp.pad(x, ((0, pad), (0, 0))).reshape(n_chunks, chunk_rows, C)
@@ -98,16 +98,12 @@ def _linear_cross_entropy(
     x: Array, head: Array, targets: Array, dtype: str, chunk_rows: int, vocab_size: int
 ) -> Array:
     args = (dtype, chunk_rows, vocab_size)
-    return _chunked_loss_and_grads(x, head, _head_t(head, dtype), targets, *args, False)[0]
-
-
-def _head_t(head: Array, dtype: str) -> Array:
-    return head.T if dtype == "float32" else _transposed(head.astype(jnp.bfloat16))
+    return _chunked_loss_and_grads(x, head, targets, *args, False)[0]
 
 
 def _linear_cross_entropy_fwd(x, head, targets, dtype, chunk_rows, vocab_size):
     args = (dtype, chunk_rows, vocab_size)
-    loss, dx, dhead = _chunked_loss_and_grads(x, head, _head_t(head, dtype), targets, *args, True)
+    loss, dx, dhead = _chunked_loss_and_grads(x, head, targets, *args, True)
     return loss, (dx, dhead, targets)
 
 

@@ -273,8 +273,10 @@ def _profile_steps(run, state, directory: str, first: int) -> dict:
 
 _KERNEL_KINDS = (  # by name: cuBLAS / CUTLASS / cuDNN kernels, XLA CPU's YNNPACK / oneDNN / Eigen dots
     ("attention", ("sdpa", "fmha", "flash", "attention", "cudnn::fusion")),
-    ("matmul", ("gemm", "xmma", "cutlass", "nvjet", "gemv", "cublas", "wgmma", "ynn_fusion", "onednn")),
-    ("matmul", ("dot",)),
+    (
+        "matmul",
+        ("gemm", "xmma", "cutlass", "nvjet", "gemv", "cublas", "wgmma", "ynn_fusion", "onednn", "dot"),
+    ),
 )
 
 
