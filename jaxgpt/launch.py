@@ -15,8 +15,9 @@ Two ways, the first that applies (:func:`allocator_env`):
   per-thread heaps keep XLA's compiler threads off each other's locks. Measured against the
   glibc settings below (gpt2-small train step, fresh processes, alternating): the first compile
   2.6-3.5 s instead of 3.7-7.5 s, steps as fast, peak RSS 6.7 GB instead of 10.6-15 GB. mimalloc
-  still maps allocations above 32 MiB fresh from the kernel each time, so the 4.5 GB scratch
-  buffer costs about 1 s of system time per step (as huge pages).
+  still maps allocations above 2 GiB (its ``arena_max_object_size``) fresh from the kernel each
+  time, so the 4.5 GB scratch buffer costs about 1 s of system time per step (as huge pages);
+  raising the limit measured no faster and sometimes kept a second copy of the buffer.
 * **glibc tunables** (no package needed): keep freed memory (no ``mmap`` for big requests, no
   trimming), back the heap with transparent huge pages, and one arena (XLA's worker threads
   otherwise get per-thread arenas whose heaps are capped at 64 MiB, so glibc serves their big

@@ -287,6 +287,8 @@ def kernel_kind(name: str) -> str:
 
 # XLA's CPU runtime wraps the ops it runs in these events; their own time is not an op's.
 _CPU_WRAPPERS = ("ThunkExecutor::", "SlinkyThreadPool::")
+# Instant markers on the same threads: an op's end, the thread pool's task bookkeeping.
+_CPU_MARKERS = ("end: ", "ThreadpoolListener::")
 
 
 def _self_times(events: list[dict]) -> dict[str, float]:
@@ -306,6 +308,18 @@ def _self_times(events: list[dict]) -> dict[str, float]:
     return out
 
 
+def _no_op_time(events: list[dict]) -> float:
+    """Time within the span of ``events`` (any threads) during which none of them was running."""
+    intervals = sorted((e["ts"], e["ts"] + e.get("dur", 0.0)) for e in events)
+    if not intervals:
+        return 0.0
+    idle, reach = 0.0, intervals[0][1]
+    for start, end in intervals[1:]:
+        idle += max(0.0, start - reach)
+        reach = max(reach, end)
+    return idle
+
+
 def summarize_trace(directory: str, n_steps: int, top: int = 25) -> dict:
     """Where the step's time goes, from the newest ``perfetto_trace.json.gz`` under ``directory``.
 
@@ -315,6 +329,11 @@ def summarize_trace(directory: str, n_steps: int, top: int = 25) -> dict:
     XLA records those only when it runs with ``XLA_FLAGS=--xla_cpu_enable_xprof_traceme=true``.
     Per step: the total (summed over threads), by kind (matmul, attention, other: XLA's fused
     elementwise, reduction and copy kernels), per thread, and the ``top`` ops by name.
+
+    On a CPU also ``no_op_ms_per_step``: the time between the first and the last op during which
+    no op ran on any of the pool's threads. It is not idle time: an XLA op that hands its work to
+    Eigen (the ``dot.N`` matmuls XLA does not give to YNNPACK, such as the weight gradients that
+    read a transposed operand) records only its launch, and Eigen's tasks then run untraced.
     """
     import gzip
     from collections import defaultdict
@@ -341,6 +360,7 @@ def summarize_trace(directory: str, n_steps: int, top: int = 25) -> dict:
         chosen = pick(lambda proc, thread: thread.startswith("tf_XLAEigen"))
     per_thread: dict[str, float] = defaultdict(float)
     per_kernel: dict[str, float] = defaultdict(float)
+    ops: list[dict] = []  # on a CPU: every op event of every pool thread, wrappers left out
     for key, thread_events in chosen.items():
         if on_device:  # kernels do not nest, but a CUDA graph may run some at once: each counts
             durations: dict[str, float] = defaultdict(float)
@@ -348,8 +368,9 @@ def summarize_trace(directory: str, n_steps: int, top: int = 25) -> dict:
                 durations[e["name"]] += e.get("dur", 0.0)
         else:
             durations = _self_times(thread_events)
+            ops += [e for e in thread_events if not e["name"].startswith(_CPU_WRAPPERS + _CPU_MARKERS)]
         for name, dur in durations.items():
-            if not name.startswith(_CPU_WRAPPERS):
+            if not name.startswith(_CPU_WRAPPERS + _CPU_MARKERS):
                 per_kernel[name] += dur
                 per_thread[threads.get(key, str(key[1]))] += dur
     if not per_kernel:
@@ -364,8 +385,10 @@ def summarize_trace(directory: str, n_steps: int, top: int = 25) -> dict:
         by_kind[kernel_kind(name)] += dur
     ms = 1e-3 / n_steps  # trace durations are in microseconds
     ranked = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:top]
+    extra = {} if on_device else {"no_op_ms_per_step": _no_op_time(ops) * ms}
     return {
         "trace": str(traces[-1]),
+        **extra,
         "kernel_ms_per_step": total * ms,
         "by_kind_ms_per_step": {k: v * ms for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
         "threads_ms_per_step": {k: v * ms for k, v in sorted(per_thread.items(), key=lambda kv: -kv[1])},
@@ -589,6 +612,11 @@ def _print_jaxgpt(r: dict) -> None:
             return
         kinds = "  ".join(f"{k} {v:.1f}" for k, v in prof["by_kind_ms_per_step"].items())
         print(f"  profile            {prof['kernel_ms_per_step']:.1f} ms per step in kernels or ops: {kinds}")
+        if "no_op_ms_per_step" in prof:
+            print(
+                f"    {prof['no_op_ms_per_step']:7.2f} ms with no op on any thread"
+                " (Eigen's untraced work for dot.N ops, and gaps between steps)"
+            )
         for k in prof["top_kernels"]:
             print(f"    {k['ms_per_step']:7.2f} ms {100 * k['share']:5.1f}%  {k['kind']:<9} {k['name'][:90]}")
         print(f"  trace              {prof['trace']}")

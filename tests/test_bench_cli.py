@@ -87,3 +87,32 @@ def test_summarize_trace_counts_cpu_ops_without_the_ops_nested_in_them(tmp_path)
     by_name = {k["name"]: k["ms_per_step"] for k in s["top_kernels"]}
     assert by_name["while.7"] == pytest.approx(0.15)  # 500 us minus the 350 us of ops inside the loop
     assert by_name["dynamic-slice_fusion"] == by_name["multiply_add_fusion"] == pytest.approx(0.1)
+    assert s["no_op_ms_per_step"] == 0.0  # one op or another ran all the time
+
+
+def test_summarize_trace_reports_cpu_time_with_no_op_on_any_thread(tmp_path):
+    # Two pool threads. An Eigen matmul (dot.5) records only its launch; its work then runs as
+    # untraced thread-pool tasks, which leave only instant bookkeeping markers behind.
+    meta = [
+        {"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/host:CPU"}},
+        {"ph": "M", "pid": 1, "tid": 5, "name": "thread_name", "args": {"name": "tf_XLAEigen/1"}},
+        {"ph": "M", "pid": 1, "tid": 6, "name": "thread_name", "args": {"name": "tf_XLAEigen/2"}},
+    ]
+    spans = [  # (thread, name, start, duration) in microseconds, two steps
+        (5, "ynn_fusion.1", 0, 300),
+        (6, "copy_fusion", 200, 300),  # overlaps the matmul on the other thread
+        (5, "dot.5", 500, 10),
+        (5, "end: dot.5", 510, 0),
+        (6, "ThreadpoolListener::StartRegion", 700, 0),
+        (5, "ThunkExecutor::Execute", 600, 500),  # a wrapper is no op either
+        (6, "add_fusion", 1200, 100),  # 690 us after dot.5 returned
+        (5, "ynn_fusion.1", 2000, 300),  # the next step, 700 us later
+    ]
+    events = meta + [{"ph": "X", "pid": 1, "tid": t, "ts": s, "dur": d, "name": n} for t, n, s, d in spans]
+    _write_trace(tmp_path, events)
+
+    s = bench.summarize_trace(str(tmp_path), n_steps=2)
+
+    assert s["no_op_ms_per_step"] == pytest.approx((690 + 700) / 2 / 1000)
+    assert s["kernel_ms_per_step"] == pytest.approx((300 + 300 + 10 + 100 + 300) / 2 / 1000)
+    assert {k["name"] for k in s["top_kernels"]} == {"ynn_fusion.1", "copy_fusion", "dot.5", "add_fusion"}
