@@ -595,7 +595,8 @@ def _print_jaxgpt(r: dict) -> None:
     )
     print(f"  achieved           {r['achieved_gflops']:.1f} GFLOP/s")
     if "matmul_gflops" in r:
-        print(f"  matmul_gflops      {r['matmul_gflops']:.1f} (fp32 2048^3 jnp.dot, this run)")
+        shape = "fp32 2048^3" if r["device"].startswith("cpu") else f"{r['dtype']} 8192^3"
+        print(f"  matmul_gflops      {r['matmul_gflops']:.1f} ({shape} jnp.dot, this run)")
         print(f"  fraction_of_matmul_peak {r['fraction_of_matmul_peak']:.2f}")
     if "matmul_gflops_bf16" in r:
         print(
@@ -604,6 +605,8 @@ def _print_jaxgpt(r: dict) -> None:
         )
     if "mfu" in r:
         print(f"  mfu                {r['mfu']:.3f} of {r['chip_bf16_peak_tflops']:.0f} TFLOP/s bf16 peak")
+    if "peak_device_mb" in r:
+        print(f"  peak_device_mb     {r['peak_device_mb']:.0f}")
     print(f"  allocator env      {r.get('allocator_env') or 'default'}")
     prof = r.get("profile")
     if prof is not None:
@@ -646,6 +649,21 @@ def cmd_generate(argv: list[str]) -> int:
         )
         return 2
     return bench_generate.main(argv) or 0
+
+
+def cmd_report(path: str) -> int:
+    """Print a saved ``train --json`` result (the file's last non-empty line) as ``train`` would."""
+    try:
+        lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
+        result = json.loads(lines[-1])
+    except (OSError, IndexError, json.JSONDecodeError) as err:
+        raise SystemExit(f"bench.py report: {path} holds no `bench.py train --json` result ({err})") from None
+    if not isinstance(result, dict) or "tokens_per_s" not in result:
+        raise SystemExit(f"bench.py report: {path} holds no `bench.py train --json` result")
+    _print_jaxgpt(result)
+    for name, ref in (result.get("references") or {}).items():
+        _print_ref({"name": name, **ref})
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -730,6 +748,12 @@ def build_parser() -> argparse.ArgumentParser:
         "records its ops only under XLA_FLAGS=--xla_cpu_enable_xprof_traceme=true)",
     )
     t.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    r = sub.add_parser(
+        "report",
+        help="print a saved `train --json` result as text",
+        description="Print the result of `bench.py train --json`, saved to FILE, the way `train` prints it.",
+    )
+    r.add_argument("file", help="a file holding the JSON object (its last non-empty line)")
     sub.add_parser(
         "generate", help="greedy decode throughput (see scripts/bench_generate.py --help)", add_help=False
     )
@@ -747,6 +771,8 @@ def main(argv: list[str] | None = None) -> int:
         spec = json.loads(argv[1])
         print(json.dumps(torch_reference(**spec)))
         return 0
+    if argv[:1] == ["report"]:  # no JAX, no relaunch: it only reads a file
+        return cmd_report(build_parser().parse_args(argv).file)
     if argv[:1] == ["scale"]:  # its own process: it sets XLA_FLAGS before JAX starts
         script = str(ROOT / "scripts" / "bench_scale.py")
         os.execv(sys.executable, [sys.executable, script, *argv[1:]])

@@ -54,23 +54,5 @@ for B in $BATCHES; do
 done
 if [ -z "$best" ]; then echo "no batch size fitted"; exit 1; fi
 
-$PY - "$OUT_DIR/gpu_bench_B$best.json" <<'EOF'
-import json, sys
-r = json.loads(open(sys.argv[1]).read().strip().splitlines()[-1])
-print(f"device {r['device']}  batch {r['batch_size']}  context {r['context_length']}  dtype {r['dtype']}")
-print(f"tokens_per_s {r['tokens_per_s']:.0f}  step_ms {r['step_ms']:.1f}  compile_s {r['compile_s']:.1f}")
-print(f"model TFLOP/s {r['achieved_gflops'] / 1e3:.1f}  matmul TFLOP/s (8192^3 bf16, this run) {r['matmul_gflops'] / 1e3:.1f}")
-if "mfu" in r:
-    print(f"MFU {r['mfu']:.3f} of {r['chip_bf16_peak_tflops']:.0f} TFLOP/s dense bf16")
-if "peak_device_mb" in r:
-    print(f"peak device memory {r['peak_device_mb']:.0f} MiB")
-p = r.get("profile", {})
-if "kernel_ms_per_step" in p:
-    kinds = ", ".join(f"{k} {v:.1f}" for k, v in p["by_kind_ms_per_step"].items())
-    print(f"GPU kernels {p['kernel_ms_per_step']:.1f} ms per step: {kinds}")
-    for k in p["top_kernels"][:10]:
-        print(f"  {k['ms_per_step']:6.2f} ms  {k['kind']:<9} {k['name'][:100]}")
-elif p:
-    print(f"profile: {p.get('error')}")
-EOF
+$PY scripts/bench.py report "$OUT_DIR/gpu_bench_B$best.json"
 echo "total $(( $(date +%s) - START )) s"

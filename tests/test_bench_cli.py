@@ -1,12 +1,56 @@
-"""scripts/bench.py's trace summary: where an accelerator's time goes, read from a perfetto trace."""
+"""scripts/bench.py: a real (tiny) train benchmark and its report, and the trace summary."""
 
 import gzip
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from scripts_loader import load_script
 
 bench = load_script("bench")
+SCRIPT = Path(bench.__file__)
+
+
+def _bench(*args):
+    env = {**os.environ, "JAXGPT_NO_RELAUNCH": "1", "JAXGPT_NO_COMPILE_CACHE": "1"}
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args], capture_output=True, text=True, env=env, timeout=300
+    )
+
+
+def test_train_json_then_report_prints_the_same_result(tmp_path):
+    # The real library step on the quick-start model: every figure the JSON promises is there and
+    # consistent, and `report` prints the saved result as `train` would have.
+    run = _bench(
+        "train", "--preset", "quickstart", "--context-length", "32", "--batch-size", "2",
+        "--steps", "2", "--warmup", "1", "--references", "none", "--json",
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    r = json.loads(run.stdout.strip().splitlines()[-1])
+    assert r["step_source"] == "jaxgpt.train.train_step"
+    assert r["tokens_per_s"] == pytest.approx(2 * 32 / (r["step_ms"] / 1000))
+    assert r["fraction_of_matmul_peak"] == pytest.approx(r["achieved_gflops"] / r["matmul_gflops"])
+    assert r["compile_s"] > 0 and r["peak_rss_mb"] > 0 and r["references"] == {}
+    saved = tmp_path / "result.json"
+    saved.write_text("a line of noise before the result\n" + run.stdout)
+
+    shown = _bench("report", str(saved))
+
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.startswith("jaxgpt quickstart T=32 B=2 dtype=float32")
+    assert f"tokens_per_s       {r['tokens_per_s']:.1f}" in shown.stdout
+
+
+def test_report_names_a_file_without_a_result(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"loss": 1.0}\n')
+    for path in (bad, tmp_path / "missing.json"):
+        run = _bench("report", str(path))
+        assert run.returncode != 0
+        assert f"{path} holds no `bench.py train --json` result" in run.stderr
 
 
 def _write_trace(directory, events):
