@@ -613,16 +613,21 @@ def _print_jaxgpt(r: dict) -> None:
         if "error" in prof:
             print(f"  profile            {prof['error']}")
             return
-        kinds = "  ".join(f"{k} {v:.1f}" for k, v in prof["by_kind_ms_per_step"].items())
-        print(f"  profile            {prof['kernel_ms_per_step']:.1f} ms per step in kernels or ops: {kinds}")
-        if "no_op_ms_per_step" in prof:
-            print(
-                f"    {prof['no_op_ms_per_step']:7.2f} ms with no op on any thread"
-                " (Eigen's untraced work for dot.N ops, and gaps between steps)"
-            )
-        for k in prof["top_kernels"]:
-            print(f"    {k['ms_per_step']:7.2f} ms {100 * k['share']:5.1f}%  {k['kind']:<9} {k['name'][:90]}")
-        print(f"  trace              {prof['trace']}")
+        print_profile(prof)
+
+
+def print_profile(prof: dict, per: str = "step", top: int | None = None) -> None:
+    """The text form of :func:`summarize_trace`'s result (times per ``per``: a step, or a token)."""
+    kinds = "  ".join(f"{k} {v:.1f}" for k, v in prof["by_kind_ms_per_step"].items())
+    print(f"  profile            {prof['kernel_ms_per_step']:.1f} ms per {per} in kernels or ops: {kinds}")
+    if "no_op_ms_per_step" in prof:
+        print(
+            f"    {prof['no_op_ms_per_step']:7.2f} ms with no op on any thread"
+            f" (Eigen's untraced work for dot.N ops, and gaps between {per}s)"
+        )
+    for k in prof["top_kernels"][:top]:
+        print(f"    {k['ms_per_step']:7.2f} ms {100 * k['share']:5.1f}%  {k['kind']:<9} {k['name'][:90]}")
+    print(f"  trace              {prof['trace']}")
 
 
 def _print_ref(r: dict) -> None:

@@ -4,6 +4,8 @@
     python scripts/bench_generate.py --batch-sizes 1 --json
     python scripts/bench_generate.py --threads 1          # Hugging Face on one thread (a busy machine)
     python scripts/bench.py generate ...                  # the same, through the benchmark harness
+    XLA_FLAGS=--xla_cpu_enable_xprof_traceme=true python scripts/bench_generate.py --profile DIR
+                                                          # and where a token's time goes, op by op
 
 Both models get the same random gpt2-small weights' shapes (GPT-2's config: tied head, qkv bias),
 the same short prompt repeated over the batch, greedy decoding with a KV cache, and exactly
@@ -78,7 +80,28 @@ def _weight_stream_gb_per_s(repeats: int = 10) -> float:
     return w.nbytes / best / 1e9
 
 
-def bench_jaxgpt(cfg, params, prompt_ids: list[int], batch_size: int, new_tokens: int, repeats: int) -> dict:
+def _profile_call(run, directory: Path, new_tokens: int) -> dict:
+    """One more call of ``run`` under ``jax.profiler``; where a token's time goes (bench.py's summary)."""
+    import jax
+    from bench import summarize_trace
+
+    try:
+        with jax.profiler.trace(str(directory), create_perfetto_trace=True):
+            run()
+    except Exception as err:  # a profiler that cannot start: the timings still stand
+        return {"error": f"{type(err).__name__}: {err}"}
+    return summarize_trace(str(directory), new_tokens)  # "per step" is per generated token
+
+
+def bench_jaxgpt(
+    cfg,
+    params,
+    prompt_ids: list[int],
+    batch_size: int,
+    new_tokens: int,
+    repeats: int,
+    profile_dir: Path | None = None,
+) -> dict:
     import jax
     import numpy as np
 
@@ -95,6 +118,7 @@ def bench_jaxgpt(cfg, params, prompt_ids: list[int], batch_size: int, new_tokens
     c0 = time.process_time()
     run_s = _median_time(run, repeats)
     run_cpu = (time.process_time() - c0) / repeats
+    profile = None if profile_dir is None else _profile_call(run, profile_dir, new_tokens)
     return {
         "name": "jaxgpt",
         "batch_size": batch_size,
@@ -104,6 +128,7 @@ def bench_jaxgpt(cfg, params, prompt_ids: list[int], batch_size: int, new_tokens
         "run_cpu_s": round(run_cpu, 3),
         "tokens_per_s": round(batch_size * new_tokens / run_s, 1),
         "new_ids": np.asarray(first)[0, len(prompt_ids) :].tolist(),
+        **({} if profile is None else {"profile": profile}),
     }
 
 
@@ -147,6 +172,15 @@ def bench_hf(
     }
 
 
+def _print_profile(prof: dict) -> None:
+    from bench import print_profile
+
+    if "error" in prof:
+        print(f"  profile            {prof['error']}")
+    else:
+        print_profile(prof, per="token", top=12)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bench_generate.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="gpt2-small", help="model preset (default gpt2-small)")
@@ -163,6 +197,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face reference")
     p.add_argument("--threads", type=int, default=None, help="PyTorch threads (default: the cores JAX uses)")
+    p.add_argument(
+        "--profile",
+        metavar="DIR",
+        default=None,
+        help="after timing, run one more call per batch size under jax.profiler (into DIR/B<batch>) "
+        "and print where a generated token's time goes, by kernel or op (on a CPU, XLA records its "
+        "ops only under XLA_FLAGS=--xla_cpu_enable_xprof_traceme=true)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     return p
 
@@ -212,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
     for b in batch_sizes:
-        r = bench_jaxgpt(cfg, params, prompt_ids, b, args.new_tokens, args.repeats)
+        profile_dir = None if args.profile is None else Path(args.profile) / f"B{b}"
+        r = bench_jaxgpt(cfg, params, prompt_ids, b, args.new_tokens, args.repeats, profile_dir)
         if b == 1:
             r["fraction_of_bound"] = round(r["tokens_per_s"] / result["bound_tokens_per_s_b1"], 3)
         result["jaxgpt"].append(r)
@@ -224,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
                 + (f"  {r['fraction_of_bound']:.0%} of the bound" if "fraction_of_bound" in r else ""),
                 flush=True,
             )
+            if "profile" in r:
+                _print_profile(r["profile"])
     if not args.no_hf:
         try:
             import torch  # noqa: F401

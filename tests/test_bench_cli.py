@@ -14,8 +14,8 @@ bench = load_script("bench")
 SCRIPT = Path(bench.__file__)
 
 
-def _bench(*args):
-    env = {**os.environ, "JAXGPT_NO_RELAUNCH": "1", "JAXGPT_NO_COMPILE_CACHE": "1"}
+def _bench(*args, **env_vars):
+    env = {**os.environ, "JAXGPT_NO_RELAUNCH": "1", "JAXGPT_NO_COMPILE_CACHE": "1", **env_vars}
     return subprocess.run(
         [sys.executable, str(SCRIPT), *args], capture_output=True, text=True, env=env, timeout=300
     )
@@ -42,6 +42,25 @@ def test_train_json_then_report_prints_the_same_result(tmp_path):
     assert shown.returncode == 0, shown.stderr
     assert shown.stdout.startswith("jaxgpt quickstart T=32 B=2 dtype=float32")
     assert f"tokens_per_s       {r['tokens_per_s']:.1f}" in shown.stdout
+
+
+def test_generate_json_with_a_profile_of_the_decode(tmp_path):
+    # The decode benchmark on the quick-start model, with XLA's CPU ops traced: its figures agree
+    # with each other, and the profile divides the traced call's op time by the generated tokens.
+    run = _bench(
+        "generate", "--preset", "quickstart", "--batch-sizes", "2", "--new-tokens", "6",
+        "--repeats", "1", "--no-hf", "--json", "--profile", str(tmp_path / "trace"),
+        XLA_FLAGS="--xla_cpu_enable_xprof_traceme=true",
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    r = json.loads(run.stdout.strip().splitlines()[-1])
+    (mine,) = r["jaxgpt"]
+    assert mine["batch_size"] == 2 and "new_ids" not in mine
+    assert mine["run_s"] == pytest.approx(2 * 6 / mine["tokens_per_s"], abs=6e-4)  # run_s is rounded to ms
+    prof = mine["profile"]
+    assert prof["trace"].startswith(str(tmp_path / "trace" / "B2"))
+    assert prof["kernel_ms_per_step"] == pytest.approx(sum(prof["by_kind_ms_per_step"].values()))
+    assert prof["by_kind_ms_per_step"]["matmul"] > 0 and prof["no_op_ms_per_step"] >= 0
 
 
 def test_report_names_a_file_without_a_result(tmp_path):
