@@ -5,7 +5,7 @@
     python scripts/bench_generate.py --threads 1          # Hugging Face on one thread (a busy machine)
     python scripts/bench.py generate ...                  # the same, through the benchmark harness
     XLA_FLAGS=--xla_cpu_enable_xprof_traceme=true python scripts/bench_generate.py --profile DIR
-                                                          # and where a token's time goes, op by op
+                                                          # and where a decode step's time goes
 
 Both models get the same random gpt2-small weights' shapes (GPT-2's config: tied head, qkv bias),
 the same short prompt repeated over the batch, greedy decoding with a KV cache, and exactly
@@ -81,7 +81,7 @@ def _weight_stream_gb_per_s(repeats: int = 10) -> float:
 
 
 def _profile_call(run, directory: Path, new_tokens: int) -> dict:
-    """One more call of ``run`` under ``jax.profiler``; where a token's time goes (bench.py's summary)."""
+    """One more call of ``run`` under ``jax.profiler``: where a decode step's time goes."""
     import jax
     from bench import summarize_trace
 
@@ -90,7 +90,7 @@ def _profile_call(run, directory: Path, new_tokens: int) -> dict:
             run()
     except Exception as err:  # a profiler that cannot start: the timings still stand
         return {"error": f"{type(err).__name__}: {err}"}
-    return summarize_trace(str(directory), new_tokens)  # "per step" is per generated token
+    return summarize_trace(str(directory), new_tokens)  # per decode step: one new token per row
 
 
 def bench_jaxgpt(
@@ -178,7 +178,7 @@ def _print_profile(prof: dict) -> None:
     if "error" in prof:
         print(f"  profile            {prof['error']}")
     else:
-        print_profile(prof, per="token", top=12)
+        print_profile(prof, per="decode step", top=12)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -202,8 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         default=None,
         help="after timing, run one more call per batch size under jax.profiler (into DIR/B<batch>) "
-        "and print where a generated token's time goes, by kernel or op (on a CPU, XLA records its "
-        "ops only under XLA_FLAGS=--xla_cpu_enable_xprof_traceme=true)",
+        "and print where a decode step's time goes (one new token per row), by kernel or op (on a "
+        "CPU, XLA records its ops only under XLA_FLAGS=--xla_cpu_enable_xprof_traceme=true)",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     return p

@@ -46,7 +46,7 @@ def test_train_json_then_report_prints_the_same_result(tmp_path):
 
 def test_generate_json_with_a_profile_of_the_decode(tmp_path):
     # The decode benchmark on the quick-start model, with XLA's CPU ops traced: its figures agree
-    # with each other, and the profile divides the traced call's op time by the generated tokens.
+    # with each other, and the profile divides the traced call's op time by its decode steps.
     run = _bench(
         "generate", "--preset", "quickstart", "--batch-sizes", "2", "--new-tokens", "6",
         "--repeats", "1", "--no-hf", "--json", "--profile", str(tmp_path / "trace"),
