@@ -61,9 +61,11 @@ def _chunked_loss_and_grads(
     float32.
     """
     N, C = x.shape
-    if dtype != "float32":  # once here, not in every chunk (XLA does not hoist it out of the scan)
+    if dtype == "float32":
+        head_t = head.T  # (V, C), for d loss / d x
+    else:  # cast once here, not in every chunk (XLA does not hoist it out of the scan)
         head = head.astype(jnp.bfloat16)
-    head_t = head.T if dtype == "float32" else _transposed(head)  # (V, C), for d loss / d x
+        head_t = _transposed(head)
     n_chunks = -(-N // chunk_rows)
     pad = n_chunks * chunk_rows - N
     xs = jnp.pad(x, ((0, pad), (0, 0))).reshape(n_chunks, chunk_rows, C)

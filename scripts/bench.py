@@ -258,17 +258,27 @@ def bench_jaxgpt_train(args) -> dict:
 PROFILED_STEPS = 3
 
 
-def _profile_steps(run, state, directory: str, first: int) -> dict:
-    """Run ``PROFILED_STEPS`` more steps under ``jax.profiler.trace`` and summarise the device ops."""
+def profile_calls(work, directory: str, n_steps: int) -> dict:
+    """Run ``work()`` (``n_steps`` steps) under ``jax.profiler.trace`` and :func:`summarize_trace` it."""
     import jax
 
     try:
         with jax.profiler.trace(directory, create_perfetto_trace=True):
-            for i in range(PROFILED_STEPS):
-                state, _ = run(state, first + i)
+            work()
     except Exception as err:  # e.g. no CUPTI on this GPU machine: the bench's figures still stand
         return {"error": f"{type(err).__name__}: {err}"}
-    return summarize_trace(directory, PROFILED_STEPS)
+    return summarize_trace(directory, n_steps)
+
+
+def _profile_steps(run, state, directory: str, first: int) -> dict:
+    """``PROFILED_STEPS`` more train steps, traced and summarised."""
+
+    def steps() -> None:
+        s = state
+        for i in range(PROFILED_STEPS):
+            s, _ = run(s, first + i)
+
+    return profile_calls(steps, directory, PROFILED_STEPS)
 
 
 _KERNEL_KINDS = (  # by name: cuBLAS / CUTLASS / cuDNN kernels, XLA CPU's YNNPACK / oneDNN / Eigen dots
@@ -289,6 +299,7 @@ def kernel_kind(name: str) -> str:
 _CPU_WRAPPERS = ("ThunkExecutor::", "SlinkyThreadPool::")
 # Instant markers on the same threads: an op's end, the thread pool's task bookkeeping.
 _CPU_MARKERS = ("end: ", "ThreadpoolListener::")
+_CPU_NOT_OPS = _CPU_WRAPPERS + _CPU_MARKERS
 
 
 def _self_times(events: list[dict]) -> dict[str, float]:
@@ -368,9 +379,9 @@ def summarize_trace(directory: str, n_steps: int, top: int = 25) -> dict:
                 durations[e["name"]] += e.get("dur", 0.0)
         else:
             durations = _self_times(thread_events)
-            ops += [e for e in thread_events if not e["name"].startswith(_CPU_WRAPPERS + _CPU_MARKERS)]
+            ops += [e for e in thread_events if not e["name"].startswith(_CPU_NOT_OPS)]
         for name, dur in durations.items():
-            if not name.startswith(_CPU_WRAPPERS + _CPU_MARKERS):
+            if not name.startswith(_CPU_NOT_OPS):
                 per_kernel[name] += dur
                 per_thread[threads.get(key, str(key[1]))] += dur
     if not per_kernel:
@@ -608,16 +619,15 @@ def _print_jaxgpt(r: dict) -> None:
     if "peak_device_mb" in r:
         print(f"  peak_device_mb     {r['peak_device_mb']:.0f}")
     print(f"  allocator env      {r.get('allocator_env') or 'default'}")
-    prof = r.get("profile")
-    if prof is not None:
-        if "error" in prof:
-            print(f"  profile            {prof['error']}")
-            return
-        print_profile(prof)
+    if "profile" in r:
+        print_profile(r["profile"])
 
 
 def print_profile(prof: dict, per: str = "step", top: int | None = None) -> None:
-    """The text form of :func:`summarize_trace`'s result (times per ``per``: a step, or a token)."""
+    """The text form of :func:`profile_calls`'s result (times per ``per``: a step, or a decode step)."""
+    if "error" in prof:
+        print(f"  profile            {prof['error']}")
+        return
     kinds = "  ".join(f"{k} {v:.1f}" for k, v in prof["by_kind_ms_per_step"].items())
     print(f"  profile            {prof['kernel_ms_per_step']:.1f} ms per {per} in kernels or ops: {kinds}")
     if "no_op_ms_per_step" in prof:

@@ -80,19 +80,6 @@ def _weight_stream_gb_per_s(repeats: int = 10) -> float:
     return w.nbytes / best / 1e9
 
 
-def _profile_call(run, directory: Path, new_tokens: int) -> dict:
-    """One more call of ``run`` under ``jax.profiler``: where a decode step's time goes."""
-    import jax
-    from bench import summarize_trace
-
-    try:
-        with jax.profiler.trace(str(directory), create_perfetto_trace=True):
-            run()
-    except Exception as err:  # a profiler that cannot start: the timings still stand
-        return {"error": f"{type(err).__name__}: {err}"}
-    return summarize_trace(str(directory), new_tokens)  # per decode step: one new token per row
-
-
 def bench_jaxgpt(
     cfg,
     params,
@@ -118,7 +105,11 @@ def bench_jaxgpt(
     c0 = time.process_time()
     run_s = _median_time(run, repeats)
     run_cpu = (time.process_time() - c0) / repeats
-    profile = None if profile_dir is None else _profile_call(run, profile_dir, new_tokens)
+    profile = None
+    if profile_dir is not None:  # one more call, traced; per decode step: one new token per row
+        from bench import profile_calls
+
+        profile = profile_calls(run, str(profile_dir), new_tokens)
     return {
         "name": "jaxgpt",
         "batch_size": batch_size,
@@ -170,15 +161,6 @@ def bench_hf(
         "run_cpu_s": round(run_cpu, 3),
         "tokens_per_s": round(batch_size * new_tokens / run_s, 1),
     }
-
-
-def _print_profile(prof: dict) -> None:
-    from bench import print_profile
-
-    if "error" in prof:
-        print(f"  profile            {prof['error']}")
-    else:
-        print_profile(prof, per="decode step", top=12)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -268,7 +250,9 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
             if "profile" in r:
-                _print_profile(r["profile"])
+                from bench import print_profile
+
+                print_profile(r["profile"], per="decode step", top=12)
     if not args.no_hf:
         try:
             import torch  # noqa: F401
