@@ -144,9 +144,10 @@ def backend_defaults(backend: str, n_layers: int) -> dict[str, Any]:
 
     On a CPU: nothing, so the book's float32 (bf16 is one flag away). On a GPU: bf16 matmuls and
     activations, and the blocks unrolled (``scan_unroll=n_layers``). gpt2-small, context 1024,
-    batch 64 on an H200 (scripts/gpu_bench.sh): 314k tokens/s in float32 activations with the
-    blocks scanned, 331k with bf16 activations, 441-446k unrolled as well, for a 27-30 s compile
-    instead of 7-9 s. On a TPU: bf16 matmuls and activations (not measured here).
+    batch 64 on an H200: 314k tokens/s in float32 activations with the blocks scanned, 331k with
+    bf16 activations, 441-446k unrolled as well, for a 27-30 s compile instead of 7-9 s (478k at
+    batch 192 in scripts/gpu_bench.sh, a later version). On a TPU: bf16 matmuls and activations
+    (not measured here).
     """
     if backend == "gpu":
         return {"dtype": "bfloat16", "activation_dtype": "bfloat16", "scan_unroll": n_layers}

@@ -210,6 +210,18 @@ class Dropout(nn.Module):
         return jnp.where(mask, x / keep_prob, jnp.zeros((), x.dtype))
 
 
+@jax.checkpoint
+def _gelu_float32(h: Array) -> Array:
+    """:func:`gelu` in float32 arithmetic; bf16 activations stay bf16.
+
+    Checkpointed: the backward pass recomputes the tanh from ``h`` (kept anyway, in bf16 with bf16
+    activations) instead of keeping float32 intermediates of the (B, T, 4C) hidden layer, which a
+    train step writes and reads back once per layer. gpt2-small, T=1024, batch 64 on an H200: peak
+    memory 30.9 -> 21.9 GiB and 1.3% faster; on the CPU (T=256, batch 8) 1.1 GB less, same speed.
+    """
+    return gelu(h.astype(jnp.float32)).astype(h.dtype)
+
+
 class FeedForward(nn.Module):
     """Position-wise feed-forward network (book 4.3): C -> 4C -> GELU -> C."""
 
@@ -220,7 +232,7 @@ class FeedForward(nn.Module):
         C = self.cfg.emb_dim
         # `layers_0` and `layers_2` mirror the book's nn.Sequential indices (1 is the GELU).
         h = Linear(self.cfg, 4 * C, name="layers_0")(x)  # (B, T, 4C)
-        h = gelu(h.astype(jnp.float32)).astype(h.dtype)  # float32 arithmetic, bf16 activations stay bf16
+        h = _gelu_float32(h)
         return Linear(self.cfg, C, name="layers_2")(h)  # (B, T, C)
 
 

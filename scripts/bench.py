@@ -265,9 +265,9 @@ def profile_calls(work, directory: str, n_steps: int) -> dict:
     try:
         with jax.profiler.trace(directory, create_perfetto_trace=True):
             work()
-    except Exception as err:  # e.g. no CUPTI on this GPU machine: the bench's figures still stand
+        return summarize_trace(directory, n_steps)
+    except Exception as err:  # e.g. no CUPTI, or a trace laid out otherwise: the bench's figures stand
         return {"error": f"{type(err).__name__}: {err}"}
-    return summarize_trace(directory, n_steps)
 
 
 def _profile_steps(run, state, directory: str, first: int) -> dict:
