@@ -88,44 +88,16 @@ def _matmul_flops_per_s(dtype: str, n: int = 2048, repeats: int = 6) -> float:
 
 
 def _library_train_step(cfg, args):
-    """(state, jitted step(state, batch, key) -> (state, metrics), source), the library's own when possible.
-
-    Uses ``jaxgpt.train`` (``create_train_state`` / ``jit_train_step``); a bench-local step built
-    from ``loss.py`` and optax stands in only where that module is missing or has another API.
-    """
+    """(state, the library's jitted step(state, batch, key) -> (state, metrics))."""
     import jax
-    import optax
 
-    try:
-        from jaxgpt import train as train_lib
+    from jaxgpt import train as train_lib
 
-        if args.loss == "logits":  # for comparison: the loss from the full (B, T, V) logits
-            train_lib.train_loss = _logits_train_loss
-
-        tcfg = train_lib.TrainConfig(learning_rate=args.lr, weight_decay=0.1, batch_size=args.batch_size)
-        state, tx = train_lib.create_train_state(cfg, tcfg, jax.random.key(0), total_steps=1000)
-        return state, train_lib.jit_train_step(cfg, tx), "jaxgpt.train.train_step"
-    except (ImportError, AttributeError, TypeError) as err:
-        reason = f"{type(err).__name__}: {err}"
-
-    from jaxgpt.loss import cross_entropy
-    from jaxgpt.model import GPTModel, init_params
-
-    tx = optax.adamw(args.lr, weight_decay=0.1)
-
-    def loss_fn(params, x, y, key):
-        logits = GPTModel(cfg).apply({"params": params}, x, deterministic=False, rngs={"dropout": key})
-        return cross_entropy(logits, y)
-
-    def train_step(state, batch, key):
-        params, opt_state = state
-        loss, grads = jax.value_and_grad(loss_fn)(params, *batch, key)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return (optax.apply_updates(params, updates), opt_state), {"loss": loss}
-
-    params = init_params(cfg, jax.random.key(0))
-    step = jax.jit(train_step, donate_argnums=0)
-    return (params, tx.init(params)), step, f"bench fallback, loss.py + optax.adamw ({reason})"
+    if args.loss == "logits":  # for comparison, in this process only: the loss from the full (B, T, V) logits
+        train_lib.train_loss = _logits_train_loss
+    tcfg = train_lib.TrainConfig(learning_rate=args.lr, weight_decay=0.1, batch_size=args.batch_size)
+    state, tx = train_lib.create_train_state(cfg, tcfg, jax.random.key(0), total_steps=1000)
+    return state, train_lib.jit_train_step(cfg, tx)
 
 
 def _logits_train_loss(params, cfg, input_batch, target_batch, dropout_key):
@@ -167,8 +139,8 @@ def bench_jaxgpt_train(args) -> dict:
     ]
     key = jax.random.key(1)
 
-    state, step_fn, source = _library_train_step(cfg, args)
-    n_params = count_params(state[0] if isinstance(state, tuple) else state.params)
+    state, step_fn = _library_train_step(cfg, args)
+    n_params = count_params(state.params)
 
     jax.block_until_ready(state)  # the initialisation runs asynchronously: keep it out of the compile time
     u0 = _usage()
@@ -191,7 +163,7 @@ def bench_jaxgpt_train(args) -> dict:
         state, out = run(state, args.warmup + i)
         times.append(time.perf_counter() - t0)
     u1 = _usage()
-    loss = out["loss"] if isinstance(out, dict) else out
+    loss = out["loss"]
     step_s = statistics.median(times)
     peak_rss_mb = _peak_rss_mb()
     profile = None
@@ -215,7 +187,7 @@ def bench_jaxgpt_train(args) -> dict:
         "vocab_pad_multiple": cfg.vocab_pad_multiple,
         "loss": args.loss,
         "drop_rate": cfg.drop_rate,
-        "step_source": source,
+        "step_source": "jaxgpt.train.train_step",
         "device": f"{device.platform}:{device.device_kind}",
         "n_params": n_params,
         "model_flops_per_token": flops_tok,
