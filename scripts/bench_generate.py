@@ -3,12 +3,14 @@
     python scripts/bench_generate.py                      # gpt2-small, 100 new tokens, B=1 and B=8
     python scripts/bench_generate.py --batch-sizes 1 --json
     python scripts/bench_generate.py --threads 1          # Hugging Face on one thread (a busy machine)
+    python scripts/bench_generate.py --temperature 1.4 --top-k 25   # sampled, the book's 5.3 settings
     python scripts/bench.py generate ...                  # the same, through the benchmark harness
     XLA_FLAGS=--xla_cpu_enable_xprof_traceme=true python scripts/bench_generate.py --profile DIR
                                                           # and where a decode step's time goes
 
 Both models get the same random gpt2-small weights' shapes (GPT-2's config: tied head, qkv bias),
-the same short prompt repeated over the batch, greedy decoding with a KV cache, and exactly
+the same short prompt repeated over the batch, greedy decoding with a KV cache (or, with
+``--temperature``, sampling with the same temperature, top-k and top-p on both sides), and exactly
 ``--new-tokens`` new tokens (no eos). jaxgpt's compile time (the first call minus a timed call)
 is reported apart from its tokens/s; tokens/s is batch * new tokens / the median of ``--repeats``
 timed calls. Hugging Face runs in the same process afterwards with ``torch.set_num_threads``
@@ -88,6 +90,7 @@ def bench_jaxgpt(
     new_tokens: int,
     repeats: int,
     profile_dir: Path | None = None,
+    sampling: dict | None = None,
 ) -> dict:
     import jax
     import numpy as np
@@ -95,9 +98,10 @@ def bench_jaxgpt(
     from jaxgpt.generate import generate
 
     ids = np.tile(np.asarray(prompt_ids, np.int32)[None], (batch_size, 1))  # (B, T)
+    sample = {} if sampling is None else {**sampling, "key": jax.random.key(0)}
 
     def run():
-        return jax.block_until_ready(generate(params, cfg, ids, new_tokens))
+        return jax.block_until_ready(generate(params, cfg, ids, new_tokens, **sample))
 
     t0, c0 = time.perf_counter(), time.process_time()
     first = run()
@@ -124,7 +128,13 @@ def bench_jaxgpt(
 
 
 def bench_hf(
-    cfg, prompt_ids: list[int], batch_size: int, new_tokens: int, repeats: int, threads: int
+    cfg,
+    prompt_ids: list[int],
+    batch_size: int,
+    new_tokens: int,
+    repeats: int,
+    threads: int,
+    sampling: dict | None = None,
 ) -> dict:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -136,6 +146,15 @@ def bench_hf(
     model = GPT2LMHeadModel(GPT2Config(**hf_config_from_gpt(cfg))).eval()
     ids = torch.tensor([prompt_ids] * batch_size, dtype=torch.long)
     mask = torch.ones_like(ids)
+    if sampling is None:
+        decoding = {"do_sample": False}
+    else:  # top_k=0 and top_p=1.0 switch off Hugging Face's own defaults (top_k=50)
+        decoding = {
+            "do_sample": True,
+            "temperature": sampling["temperature"],
+            "top_k": sampling["top_k"] or 0,
+            "top_p": sampling["top_p"] or 1.0,
+        }
 
     def run(n):
         with torch.inference_mode():
@@ -144,9 +163,9 @@ def bench_hf(
                 attention_mask=mask,
                 max_new_tokens=n,
                 min_new_tokens=n,
-                do_sample=False,
                 use_cache=True,
                 pad_token_id=0,
+                **decoding,
             )
 
     run(4)  # warm-up
@@ -177,6 +196,14 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["float32", "bfloat16"],
         help="jaxgpt's matmul dtype; bfloat16 reads half the weight bytes per token (default float32)",
     )
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=0.0,
+        help="0 decodes greedily (default); above 0 both sides sample with it (the book's 5.3: 1.4)",
+    )
+    p.add_argument("--top-k", type=int, default=None, help="with --temperature: keep the k likeliest tokens")
+    p.add_argument("--top-p", type=float, default=None, help="with --temperature: nucleus sampling")
     p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face reference")
     p.add_argument("--threads", type=int, default=None, help="PyTorch threads (default: the cores JAX uses)")
     p.add_argument(
@@ -196,6 +223,15 @@ def main(argv: list[str] | None = None) -> int:
     batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
     if args.new_tokens < 1 or args.repeats < 1 or not batch_sizes or min(batch_sizes) < 1:
         raise SystemExit("bench_generate.py: --new-tokens, --repeats and every batch size must be positive")
+    if args.temperature < 0 or (args.temperature == 0 and (args.top_k, args.top_p) != (None, None)):
+        raise SystemExit("bench_generate.py: --top-k and --top-p need --temperature > 0 (0 is greedy)")
+    if (args.top_k is not None and args.top_k < 1) or (args.top_p is not None and not 0 < args.top_p <= 1):
+        raise SystemExit(
+            f"bench_generate.py: need --top-k >= 1 and 0 < --top-p <= 1, got {args.top_k} and {args.top_p}"
+        )
+    sampling = None
+    if args.temperature > 0:
+        sampling = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
 
     import jax
     import jax.numpy as jnp
@@ -215,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         "dtype": args.dtype,
         "prompt_tokens": len(prompt_ids),
         "new_tokens": args.new_tokens,
+        "sampling": sampling,
         "device": str(jax.devices()[0].device_kind),
         "cpu_count": os.cpu_count(),
         "load_average_before": [round(x, 2) for x in os.getloadavg()],
@@ -237,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     for b in batch_sizes:
         profile_dir = None if args.profile is None else Path(args.profile) / f"B{b}"
-        r = bench_jaxgpt(cfg, params, prompt_ids, b, args.new_tokens, args.repeats, profile_dir)
+        r = bench_jaxgpt(cfg, params, prompt_ids, b, args.new_tokens, args.repeats, profile_dir, sampling)
         if b == 1:
             r["fraction_of_bound"] = round(r["tokens_per_s"] / result["bound_tokens_per_s_b1"], 3)
         result["jaxgpt"].append(r)
@@ -261,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
             result["hf_error"] = f"transformers/torch not importable: {e}"
         else:
             for b, mine in zip(batch_sizes, result["jaxgpt"], strict=True):
-                r = bench_hf(cfg, prompt_ids, b, args.new_tokens, args.repeats, threads)
+                r = bench_hf(cfg, prompt_ids, b, args.new_tokens, args.repeats, threads, sampling)
                 r["ratio"] = round(mine["tokens_per_s"] / r["tokens_per_s"], 2)
                 r["cpu_ratio"] = round(r["run_cpu_s"] / mine["run_cpu_s"], 2)
                 result["hf"].append(r)

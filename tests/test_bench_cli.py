@@ -63,6 +63,20 @@ def test_generate_json_with_a_profile_of_the_decode(tmp_path):
     assert prof["by_kind_ms_per_step"]["matmul"] > 0 and prof["no_op_ms_per_step"] >= 0
 
 
+def test_generate_samples_with_the_books_settings_and_rejects_sampling_options_when_greedy():
+    run = _bench(
+        "generate", "--preset", "quickstart", "--batch-sizes", "2", "--new-tokens", "4",
+        "--repeats", "1", "--no-hf", "--json", "--temperature", "1.4", "--top-k", "25",
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    r = json.loads(run.stdout.strip().splitlines()[-1])
+    assert r["sampling"] == {"temperature": 1.4, "top_k": 25, "top_p": None}
+    assert r["jaxgpt"][0]["tokens_per_s"] > 0
+
+    greedy = _bench("generate", "--preset", "quickstart", "--top-k", "25", "--no-hf")
+    assert greedy.returncode != 0 and "--temperature > 0" in greedy.stderr
+
+
 def test_report_names_a_file_without_a_result(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text('{"loss": 1.0}\n')
