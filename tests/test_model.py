@@ -1,4 +1,3 @@
-import dataclasses
 import math
 
 import jax
@@ -89,7 +88,7 @@ def test_feed_forward_gradient_keeps_no_float32_hidden_activations(capsys):
     step's peak memory). Checked on JAX's own list of the residuals a gradient saves."""
     from jax.ad_checkpoint import print_saved_residuals
 
-    cfg = dataclasses.replace(TINY, dtype="bfloat16", activation_dtype="bfloat16")
+    cfg = TINY.replace(dtype="bfloat16", activation_dtype="bfloat16")
     B, T, C = 2, 8, cfg.emb_dim
     ff = FeedForward(cfg)
     x = jax.random.normal(jax.random.key(0), (B, T, C)).astype(jnp.bfloat16)
