@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import functools
 import numbers
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxgpt.config import GPTConfig
-from jaxgpt.model import GPTModel, KVCache, LayerNorm, Params, TransformerBlock, init_cache, matmul
+from jaxgpt.model import GPTModel, KVCache, LayerNorm, Params, TransformerBlock, init_cache, matmul_rows
 from jaxgpt.xla import compiler_options
 
 Array = jax.Array
@@ -189,18 +189,29 @@ def _to_bf16_if_matrix(a: Array) -> Array:
     return a.astype(jnp.bfloat16) if a.ndim == 2 else a  # matmul kernels; norms and biases stay float32
 
 
+def _as_rows(tree: Any) -> Any:
+    """Each ``Linear``'s ``kernel`` (in, out) in a param tree -> ``kernel_rows`` (out, in)."""
+    if not isinstance(tree, Mapping):
+        return tree
+    return {
+        ("kernel_rows" if name == "kernel" else name): (value.T if name == "kernel" else _as_rows(value))
+        for name, value in tree.items()
+    }
+
+
 def _decode_weights(params: Params, cfg: GPTConfig) -> tuple[list[Params], Array]:
     """The weights :func:`_decode_step` reads: per-layer params and the head's rows (V, C).
 
-    Done once before the decode loop. With bfloat16 matmuls the matrices are cast here too, not
-    on every token.
+    Done once before the decode loop: the layers are split out of the stacked params and every
+    matrix is laid out as rows, one per output (see :func:`jaxgpt.model.matmul_rows`). With
+    bfloat16 matmuls the matrices are cast here too, not on every token.
     """
     layers = _split_layers(params["trf_blocks"], cfg.n_layers)
     head = params["tok_emb"]["embedding"] if cfg.tie_embeddings else params["out_head"]["kernel"].T  # (V, C)
     if cfg.dtype != "float32":
         layers = [jax.tree_util.tree_map(_to_bf16_if_matrix, layer) for layer in layers]
         head = head.astype(jnp.bfloat16)
-    return layers, head
+    return [_as_rows(layer) for layer in layers], head
 
 
 def _decode_step(
@@ -216,16 +227,15 @@ def _decode_step(
     """One new token per row, (B,) -> next-token logits (B, V) and the updated per-layer caches.
 
     ``head`` (V, C) holds the logits matrix as rows: the token embedding itself (tied) or
-    ``out_head`` transposed. The head is read as (V, C) @ (C, B) -> (V, B): with each vocabulary
-    row contiguous, the matmul streams the 154 MB matrix once at the memory's pace (measured at
-    B=8: 1.7x the rate of x @ head.T, 15% more tokens per second; B=1 the same).
+    ``out_head`` transposed; like every matrix of ``layers`` it is read by
+    :func:`jaxgpt.model.matmul_rows`.
 
     The same computation as ``GPTModel``'s cached call for one token (tested equal), with the
     model's own ``TransformerBlock`` and ``LayerNorm``, but run over per-layer params and caches
     split once before the decode loop. Under ``nn.scan`` every step slices each layer's weights
     out of the stacked params, which on CPU copies them: at B=1 that doubled the time per token.
     """
-    S = kvs[0]["k"].shape[2]
+    S = kvs[0]["k"].shape[-2]
     k_slot = jnp.arange(S)  # (S,)
     mask = (k_slot[None, :] <= index) & (k_slot[None, :] >= start[:, None])  # (B, S): causal, not padding
     mask = mask[:, None, None, :]  # (B, 1, 1, S)
@@ -237,9 +247,7 @@ def _decode_step(
         x, kv = TransformerBlock(cfg).apply({"params": layer}, x, kv, mask, index)
         new_kvs.append(kv)
     x = LayerNorm(cfg.emb_dim).apply({"params": params["final_norm"]}, x)[:, 0]  # (B, C)
-    logits = matmul(head, x.T, cfg.dtype)  # (V, B)
-    # The barrier keeps XLA from folding the transpose back into the matmul (the slow form).
-    logits = jax.lax.optimization_barrier(logits).T  # (B, V): a small copy
+    logits = matmul_rows(x, head, cfg.dtype)  # (B, V)
     return logits[:, : cfg.vocab_size], new_kvs  # no padding's logits
 
 
@@ -288,7 +296,11 @@ def _generate_padded(
     out = jnp.full((B, N), pad, jnp.int32).at[:, 0].set(tok)  # (B, N)
 
     layers, head = _decode_weights(params, cfg)  # once, outside the loop
-    kvs = [{"k": cache["k"][i], "v": cache["v"][i]} for i in range(cfg.n_layers)]  # (B, n_heads, S, hd)
+    # per layer, with the heads folded into the batch as attention updates and reads them
+    kvs = [
+        {name: cache[name][i].reshape(B * cfg.n_heads, size, cfg.head_dim) for name in ("k", "v")}
+        for i in range(cfg.n_layers)
+    ]  # each (B * n_heads, S, head_dim)
 
     def cached_step(carry):
         t, tok, kvs, out, done = carry

@@ -110,11 +110,32 @@ def matmul(x: Array, w: Array, dtype: str, out_dtype: str = "float32") -> Array:
     return y.reshape(*lead, w.shape[-1])
 
 
+def matmul_rows(x: Array, rows: Array, dtype: str, out_dtype: str = "float32") -> Array:
+    """x (..., K) @ rows.T -> (..., N) for a weight stored as ``rows`` (N, K), one row per output.
+
+    The decoding form of :func:`matmul`. With one row of x per sequence the product is bound by
+    the memory: each weight is read once for a few multiply-adds. XLA streams a matrix faster as
+    dot products along its rows than as sums of its columns, so the weight is kept (N, K) and the
+    product formed as (rows @ x.T).T; the barrier keeps XLA from folding that transpose back into
+    the column form. gpt2-small's greedy decode on a 2-core CPU: 9% more tokens/s at B=1, 24% at
+    B=8 (docs/speed.md).
+    """
+    lead, x = x.shape[:-1], x.reshape(-1, x.shape[-1])  # x (M, K)
+    if dtype == "float32":
+        y = rows @ x.T  # (N, M)
+    else:
+        y = jnp.dot(
+            rows.astype(jnp.bfloat16), x.T.astype(jnp.bfloat16), preferred_element_type=jnp.dtype(out_dtype)
+        )
+    return jax.lax.optimization_barrier(y).T.reshape(*lead, rows.shape[0])  # (..., N): a small copy
+
+
 class Linear(nn.Module):
     """``x @ kernel + bias`` (torch's nn.Linear; the param tree of ``flax.linen.Dense``).
 
     Params stay float32; ``cfg.dtype`` sets the precision of the multiplication and
-    ``cfg.activation_dtype`` the dtype of the output.
+    ``cfg.activation_dtype`` the dtype of the output. Given ``kernel_rows`` (features, in) instead
+    of ``kernel``, as decoding prepares its weights, it multiplies with :func:`matmul_rows`.
     """
 
     cfg: GPTConfig
@@ -124,8 +145,12 @@ class Linear(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:  # (..., in) -> (..., features)
-        kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), jnp.float32)
-        y = matmul(x, kernel, self.cfg.dtype, self.cfg.activation_dtype)
+        cfg = self.cfg
+        if self.has_variable("params", "kernel_rows"):  # decoding (jaxgpt.generate._decode_weights)
+            y = matmul_rows(x, self.get_variable("params", "kernel_rows"), cfg.dtype, cfg.activation_dtype)
+        else:
+            kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), jnp.float32)
+            y = matmul(x, kernel, cfg.dtype, cfg.activation_dtype)
         if self.use_bias:
             bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
             y = y + bias.astype(y.dtype).reshape((1,) * (y.ndim - 1) + (-1,))
@@ -237,6 +262,13 @@ class FeedForward(nn.Module):
         return Linear(self.cfg, C, name="layers_2")(h)  # (B, T, C)
 
 
+# einsum letters of (queries, keys and values, scores) in the layouts attention is computed in
+_ATTENTION_LAYOUTS = {
+    "bshd": ("bthd", "bshd", "bhts"),  # as projected: (B, T or S, n_heads, head_dim)
+    "flat": ("ntd", "nsd", "nts"),  # the KV cache's: heads folded into the batch, n = B * n_heads
+}
+
+
 def _attention_with_dropout(
     queries: Array,
     keys: Array,
@@ -244,26 +276,26 @@ def _attention_with_dropout(
     mask: Array,
     dropout: Dropout,
     deterministic: bool,
-    kv_layout: str = "bshd",
+    layout: str = "bshd",
 ) -> Array:
     """The book's attention, step by step, with dropout on the attention weights.
 
-    queries (B, T, n_heads, head_dim) -> (B, T, n_heads, head_dim). Keys and values are
-    (B, S, n_heads, head_dim) as projected (``kv_layout="bshd"``), or (B, n_heads, S, head_dim)
-    (``"bhsd"``), the layout of the KV cache: the one its two batched matmuls read directly. A
-    (B, S, n_heads, head_dim) cache was transposed whole for every layer and token: 24 copies per
-    token, a third of the decode's op time at B=8.
+    ``layout="bshd"``: queries (B, T, n_heads, head_dim), keys and values (B, S, n_heads,
+    head_dim), mask broadcasting to (B, n_heads, T, S) -> (B, T, n_heads, head_dim).
+    ``layout="flat"``: queries (N, T, head_dim), keys and values (N, S, head_dim), mask (N, T, S)
+    -> (N, T, head_dim), for N = B * n_heads: the KV cache's layout (see ``MultiHeadAttention``).
     """
+    q_spec, kv_spec, scores_spec = _ATTENTION_LAYOUTS[layout]
     head_dim = queries.shape[-1]
     # the scores and their softmax in float32 whatever the activations' dtype
     attn_scores = jnp.einsum(
-        f"bthd,{kv_layout}->bhts", queries, keys, preferred_element_type=jnp.float32
-    )  # (B, n_heads, T, S)
+        f"{q_spec},{kv_spec}->{scores_spec}", queries, keys, preferred_element_type=jnp.float32
+    )  # (B, n_heads, T, S) or (N, T, S)
     attn_scores = jnp.where(mask, attn_scores / math.sqrt(head_dim), -jnp.inf)
     attn_weights = jax.nn.softmax(attn_scores, axis=-1)
     attn_weights = dropout(attn_weights, deterministic=deterministic)
     attn_weights = attn_weights.astype(values.dtype)
-    return jnp.einsum(f"bhts,{kv_layout}->bthd", attn_weights, values)  # (B, T, n_heads, head_dim)
+    return jnp.einsum(f"{scores_spec},{kv_spec}->{q_spec}", attn_weights, values)
 
 
 def _fused_attention(queries: Array, keys: Array, values: Array, mask: Array | None, dtype: str) -> Array:
@@ -298,8 +330,9 @@ class MultiHeadAttention(nn.Module):
     ) -> tuple[Array, KVCache | None]:
         """x (B, T, C); mask (B or 1, 1, T, S) True where a query may attend a key (None: causal, S = T).
 
-        With a cache, ``kv`` holds this layer's keys and values, each (B, n_heads, S, head_dim);
-        this call's keys and values are written at slot ``index`` and the updated cache returned.
+        With a cache, ``kv`` holds this layer's keys and values, each (B, n_heads, S, head_dim) or
+        (B * n_heads, S, head_dim); this call's keys and values are written at slot ``index`` and
+        the updated cache returned in the layout it came in.
         """
         cfg = self.cfg
         B, T, C = x.shape
@@ -314,16 +347,32 @@ class MultiHeadAttention(nn.Module):
 
         dropout = Dropout(cfg.drop_rate, name="dropout")
         if kv is not None:  # decode: write into the fixed-size cache, attend over all its slots
-            kv = {  # each (B, n_heads, S, head_dim)
+            # The update and both products run with the heads folded into the batch, (B * n_heads,
+            # S, head_dim): XLA then updates the cache in place and the products read it as it is.
+            # With (B, n_heads, ...) at B=1 it copied each layer's cache five times per token.
+            def flat(a: Array) -> Array:  # (B, n_heads, S, head_dim) -> (B * n_heads, S, head_dim)
+                return a.reshape(B * n_heads, -1, head_dim)
+
+            layout = kv["k"].shape
+            kv = {
                 name: jax.lax.dynamic_update_slice_in_dim(
-                    kv[name], new.transpose(0, 2, 1, 3).astype(kv[name].dtype), index, axis=2
+                    flat(kv[name]), flat(new.transpose(0, 2, 1, 3)).astype(kv[name].dtype), index, axis=1
                 )
                 for name, new in (("k", keys), ("v", values))
             }
-            keys, values = kv["k"].astype(jnp.float32), kv["v"].astype(jnp.float32)  # a bf16 cache: in f32
+            S = kv["k"].shape[1]
+            mask = jnp.broadcast_to(mask, (B, n_heads, T, S)).reshape(B * n_heads, T, S)
             context_vec = _attention_with_dropout(
-                queries, keys, values, mask, dropout, self.deterministic, kv_layout="bhsd"
-            )
+                flat(queries.transpose(0, 2, 1, 3)),
+                kv["k"].astype(jnp.float32),  # a bf16 cache: in float32
+                kv["v"].astype(jnp.float32),
+                mask,
+                dropout,
+                self.deterministic,
+                layout="flat",
+            )  # (B * n_heads, T, head_dim)
+            context_vec = context_vec.reshape(B, n_heads, T, head_dim).transpose(0, 2, 1, 3)
+            kv = {name: a.reshape(layout) for name, a in kv.items()}
         elif cfg.drop_rate > 0 and not self.deterministic:
             # jax.nn.dot_product_attention has no dropout, so training with dropout keeps the
             # book's explicit attention weights and drops them exactly as the book does.

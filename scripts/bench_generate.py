@@ -4,6 +4,7 @@
     python scripts/bench_generate.py --batch-sizes 1 --json
     python scripts/bench_generate.py --threads 1          # Hugging Face on one thread (a busy machine)
     python scripts/bench_generate.py --temperature 1.4 --top-k 25   # sampled, the book's 5.3 settings
+    python scripts/bench_generate.py --prompt-tokens 800  # decoding at a long context
     python scripts/bench.py generate ...                  # the same, through the benchmark harness
     XLA_FLAGS=--xla_cpu_enable_xprof_traceme=true python scripts/bench_generate.py --profile DIR
                                                           # and where a decode step's time goes
@@ -188,6 +189,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--new-tokens", type=int, default=100, help="tokens generated per row (default 100)")
     p.add_argument("--batch-sizes", default="1,8", help="comma list of batch sizes (default 1,8)")
     p.add_argument(
+        "--prompt-tokens",
+        type=int,
+        default=None,
+        help="a prompt of this many tokens (the book's prompt repeated) instead of its 4, to decode "
+        "at a long context; each call's time includes the prompt's pass (default: the book's prompt)",
+    )
+    p.add_argument(
         "--repeats", type=int, default=3, help="timed calls per measurement; the median counts (default 3)"
     )
     p.add_argument(
@@ -229,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(
             f"bench_generate.py: need --top-k >= 1 and 0 < --top-p <= 1, got {args.top_k} and {args.top_p}"
         )
+    if args.prompt_tokens is not None and args.prompt_tokens < 1:
+        raise SystemExit(f"bench_generate.py: --prompt-tokens must be positive, got {args.prompt_tokens}")
     sampling = None
     if args.temperature > 0:
         sampling = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
@@ -242,8 +252,15 @@ def main(argv: list[str] | None = None) -> int:
 
     # GPT-2's own layout (qkv bias, tied head), as Hugging Face builds it
     cfg = get_config(args.preset, qkv_bias=True, drop_rate=0.0, dtype=args.dtype)
-    params = init_params(cfg, jax.random.key(0))
     prompt_ids = get_tokenizer().encode(PROMPT)
+    if args.prompt_tokens is not None:
+        if args.prompt_tokens + args.new_tokens > cfg.context_length:
+            raise SystemExit(
+                f"bench_generate.py: --prompt-tokens {args.prompt_tokens} + --new-tokens {args.new_tokens} "
+                f"exceed {args.preset}'s context_length {cfg.context_length}"
+            )
+        prompt_ids = (prompt_ids * args.prompt_tokens)[: args.prompt_tokens]
+    params = init_params(cfg, jax.random.key(0))
     threads = args.threads or os.cpu_count() or 1
 
     result = {

@@ -77,6 +77,19 @@ def test_generate_samples_with_the_books_settings_and_rejects_sampling_options_w
     assert greedy.returncode != 0 and "--temperature > 0" in greedy.stderr
 
 
+def test_generate_after_a_long_prompt_and_not_past_the_context():
+    run = _bench(
+        "generate", "--preset", "quickstart", "--batch-sizes", "1", "--new-tokens", "3",
+        "--repeats", "1", "--no-hf", "--json", "--prompt-tokens", "50",
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    r = json.loads(run.stdout.strip().splitlines()[-1])
+    assert r["prompt_tokens"] == 50 and r["jaxgpt"][0]["tokens_per_s"] > 0
+
+    too_long = _bench("generate", "--preset", "quickstart", "--prompt-tokens", "126", "--new-tokens", "3")
+    assert too_long.returncode != 0 and "exceed quickstart's context_length 128" in too_long.stderr
+
+
 def test_report_names_a_file_without_a_result(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text('{"loss": 1.0}\n')

@@ -105,7 +105,9 @@ def test_decoding_compiles_once_whatever_the_number_of_tokens(params, monkeypatc
 def test_decode_step_gives_the_models_cached_logits(tie, qkv_bias, dtype):
     """The per-layer decode step is the model's cached one-token call, left padding included.
 
-    The step reads the weights generate prepares (bfloat16 ones cast once).
+    The step reads the weights generate prepares (bfloat16 ones cast once), and takes each layer's
+    cache as the model holds it, (B, n_heads, S, head_dim), or as the decode loop carries it,
+    (B * n_heads, S, head_dim); it returns the cache in the layout it got.
     """
     cfg = CFG.replace(tie_embeddings=tie, qkv_bias=qkv_bias, context_length=12, dtype=dtype)
     p = init_params(cfg, jax.random.key(8))
@@ -115,11 +117,37 @@ def test_decode_step_gives_the_models_cached_logits(tie, qkv_bias, dtype):
     _, cache = model.apply({"params": p}, prompt, cache=init_cache(cfg, 2, 10, start))
     tok = jnp.array([5, 17], jnp.int32)
     expected, expected_cache = model.apply({"params": p}, tok[:, None], cache=cache)
-    kvs = [{"k": cache["k"][i], "v": cache["v"][i]} for i in range(cfg.n_layers)]
     layers, head = gen._decode_weights(p, cfg)
-    logits, new_kvs = gen._decode_step(p, layers, head, cfg, tok, kvs, jnp.int32(6), start)
-    np.testing.assert_allclose(logits, expected[:, -1], atol=1e-5)
-    np.testing.assert_allclose(jnp.stack([kv["k"] for kv in new_kvs]), expected_cache["k"], atol=1e-6)
+    L, B, H, S, hd = cache["k"].shape
+    for shape in ((B, H, S, hd), (B * H, S, hd)):
+        kvs = [{name: cache[name][i].reshape(shape) for name in ("k", "v")} for i in range(L)]
+        logits, new_kvs = gen._decode_step(p, layers, head, cfg, tok, kvs, jnp.int32(6), start)
+        np.testing.assert_allclose(logits, expected[:, -1], atol=1e-5)
+        for name in ("k", "v"):
+            new = jnp.stack([kv[name] for kv in new_kvs])
+            assert new.shape == (L, *shape)
+            np.testing.assert_allclose(new.reshape(L, B, H, S, hd), expected_cache[name], atol=1e-6)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_the_decode_loop_updates_each_cache_in_place(batch_size):
+    # At B=1 XLA once fused the cache update into the bitcast that drops the batch axis and then
+    # copied every layer's cache five times per token (a third of a token's time at a long
+    # context). The loop carries the caches as (B * n_heads, S, head_dim) so none is copied.
+    cfg = CFG.replace(context_length=64)
+    params = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+    prompt, start = jnp.zeros((batch_size, 5), jnp.int32), jnp.zeros((batch_size,), jnp.int32)
+    hlo = (
+        gen._jitted_generate("cpu")
+        .lower(params, prompt, start, jax.random.key(0), jnp.float32(1), jnp.float32(1), cfg=cfg,
+               max_new_tokens=20, greedy=True, top_k=None, use_top_p=False, eos_id=None, callback=None)
+        .compile()
+        .as_text()
+    )  # fmt: skip
+    B, H, S, hd = batch_size, cfg.n_heads, 24, cfg.head_dim  # S: the prompt + 19 tokens fed back
+    caches = (f"f32[{B * H},{S},{hd}]", f"f32[{B},{H},{S},{hd}]")  # a layer's, either layout
+    copies = [line for line in hlo.splitlines() if " copy(" in line and any(c in line for c in caches)]
+    assert caches[0] in hlo and not copies, copies[:3]
 
 
 # --- stopping at eos ---
