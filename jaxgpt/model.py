@@ -349,7 +349,7 @@ class MultiHeadAttention(nn.Module):
         if kv is not None:  # decode: write into the fixed-size cache, attend over all its slots
             # The update and both products run with the heads folded into the batch, (B * n_heads,
             # S, head_dim): XLA then updates the cache in place and the products read it as it is.
-            # With (B, n_heads, ...) at B=1 it copied each layer's cache five times per token.
+            # With (B, n_heads, ...) at B=1 it copied each layer's caches five times per token.
             def flat(a: Array) -> Array:  # (B, n_heads, S, head_dim) -> (B * n_heads, S, head_dim)
                 return a.reshape(B * n_heads, -1, head_dim)
 
