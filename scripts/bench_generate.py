@@ -10,14 +10,15 @@
                                                           # and where a decode step's time goes
 
 Both models get the same random gpt2-small weights' shapes (GPT-2's config: tied head, qkv bias),
-the same short prompt repeated over the batch, greedy decoding with a KV cache (or, with
-``--temperature``, sampling with the same temperature, top-k and top-p on both sides), and exactly
-``--new-tokens`` new tokens (no eos). jaxgpt's compile time (the first call minus a timed call)
-is reported apart from its tokens/s; tokens/s is batch * new tokens / the median of ``--repeats``
-timed calls. Hugging Face runs in the same process afterwards with ``torch.set_num_threads``
-equal to the cores JAX uses (or ``--threads``); the ratio is jaxgpt tokens/s over Hugging Face
-tokens/s. CPU seconds per call (all threads) are printed beside wall time, and the load average
-before and after, because wall-clock figures on a shared machine move with the load.
+the same prompt repeated over the batch (the book's 4 tokens, or ``--prompt-tokens`` long), greedy
+decoding with a KV cache (or, with ``--temperature``, sampling with the same temperature, top-k and
+top-p on both sides), and exactly ``--new-tokens`` new tokens (no eos). jaxgpt's compile time (the
+first call minus a timed call) is reported apart from its tokens/s; tokens/s is batch * new tokens
+/ the median of ``--repeats`` timed calls. Hugging Face runs in the same process afterwards with
+``torch.set_num_threads`` equal to the cores JAX uses (or ``--threads``); the ratio is jaxgpt
+tokens/s over Hugging Face tokens/s. CPU seconds per call (all threads) are printed beside wall
+time, and the load average before and after, because wall-clock figures on a shared machine move
+with the load.
 
 At batch 1 a decode step reads every weight once and does little else, so its ceiling is the
 rate at which this machine streams weights through a matrix-vector product. The bench measures

@@ -132,7 +132,7 @@ def test_decode_step_gives_the_models_cached_logits(tie, qkv_bias, dtype):
 @pytest.mark.parametrize("batch_size", [1, 3])
 def test_the_decode_loop_updates_each_cache_in_place(batch_size):
     # At B=1 XLA once fused the cache update into the bitcast that drops the batch axis and then
-    # copied every layer's cache five times per token (a third of a token's time at a long
+    # copied each layer's caches five times per token (a third of a token's time at a long
     # context). The loop carries the caches as (B * n_heads, S, head_dim) so none is copied.
     cfg = CFG.replace(context_length=64)
     params = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
