@@ -167,8 +167,8 @@ def train_loss(
 
     The same number as ``cross_entropy(GPTModel(cfg).apply(..., deterministic=False,
     rngs={"dropout": dropout_rng(dropout_key)}), targets)``, computed by :func:`linear_cross_entropy`
-    so that neither the forward nor the backward pass holds the (B, T, V) logits. A drop-in for
-    ``jaxgpt.train.loss_fn`` (same signature).
+    so that neither the forward nor the backward pass holds the (B, T, V) logits. The loss that
+    :func:`jaxgpt.train.train_step` differentiates unless it is given another ``loss_fn``.
     """
     rngs = {"dropout": dropout_rng(dropout_key)}
     hidden = GPTModel(cfg).apply({"params": params}, input_batch, deterministic=False, head=False, rngs=rngs)

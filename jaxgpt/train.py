@@ -46,6 +46,7 @@ from jaxgpt.xla import compiler_options
 
 Array = jax.Array
 Batch = tuple[Array, Array]
+LossFn = Callable[[Params, GPTConfig, Array, Array, Array], Array]  # (params, cfg, x, y, dropout key)
 
 
 @dataclass(frozen=True)
@@ -298,6 +299,7 @@ def train_step(
     *,
     cfg: GPTConfig,
     tx: optax.GradientTransformation,
+    loss_fn: LossFn = train_loss,
 ) -> tuple[TrainState, dict[str, Array]]:
     """One optimizer update -> (new state, metrics {"loss", "grad_norm"} as device scalars).
 
@@ -305,11 +307,13 @@ def train_step(
     whose gradients are averaged (the same update as one batch of A*B windows, without holding
     its activations). ``rng`` is the base dropout key, ``state.rng`` when None. Bind ``cfg`` and
     ``tx`` with ``functools.partial`` and jit once, donating the state (see :func:`jit_train_step`).
+    ``loss_fn(params, cfg, inputs, targets, dropout_key)`` is what gets differentiated:
+    :func:`jaxgpt.loss.train_loss` (the book's loss with dropout on) unless another is bound.
     """
     inputs, targets = batch
     base_key = state.rng if rng is None else rng
     step_key = jax.random.fold_in(base_key, state.step)
-    grad_fn = jax.value_and_grad(train_loss)  # loss.py: dropout on, logits never held whole
+    grad_fn = jax.value_and_grad(loss_fn)  # by default loss.py's: dropout on, logits never held whole
 
     if inputs.ndim == 2:
         loss, grads = grad_fn(state.params, cfg, inputs, targets, step_key)
@@ -341,13 +345,12 @@ def train_step(
 
 @functools.lru_cache(maxsize=16)
 def jit_train_step(
-    cfg: GPTConfig, tx: optax.GradientTransformation
+    cfg: GPTConfig, tx: optax.GradientTransformation, loss_fn: LossFn = train_loss
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, Array]]]:
-    """:func:`train_step` with ``cfg`` and ``tx`` bound, jitted once, the state's buffers donated
-    (with :func:`jaxgpt.xla.compiler_options`)."""
-    return jax.jit(
-        functools.partial(train_step, cfg=cfg, tx=tx), donate_argnums=0, compiler_options=compiler_options()
-    )
+    """:func:`train_step` with ``cfg``, ``tx`` and ``loss_fn`` bound, jitted once, the state's
+    buffers donated (with :func:`jaxgpt.xla.compiler_options`)."""
+    step = functools.partial(train_step, cfg=cfg, tx=tx, loss_fn=loss_fn)
+    return jax.jit(step, donate_argnums=0, compiler_options=compiler_options())
 
 
 # --------------------------------------------------------------------------------------------

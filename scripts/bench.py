@@ -88,24 +88,27 @@ def _matmul_flops_per_s(dtype: str, n: int = 2048, repeats: int = 6) -> float:
 
 
 def _library_train_step(cfg, args):
-    """(state, the library's jitted step(state, batch, key) -> (state, metrics))."""
+    """(state, the library's jitted step(state, batch, key) -> (state, metrics), what it runs, in words)."""
     import jax
 
     from jaxgpt import train as train_lib
+    from jaxgpt.loss import train_loss
 
-    if args.loss == "logits":  # for comparison, in this process only: the loss from the full (B, T, V) logits
-        train_lib.train_loss = _logits_train_loss
+    if args.loss == "logits":
+        loss_fn, source = _logits_train_loss, "jaxgpt.train.train_step, the loss from full logits"
+    else:
+        loss_fn, source = train_loss, "jaxgpt.train.train_step"
     tcfg = train_lib.TrainConfig(learning_rate=args.lr, weight_decay=0.1, batch_size=args.batch_size)
     state, tx = train_lib.create_train_state(cfg, tcfg, jax.random.key(0), total_steps=1000)
-    return state, train_lib.jit_train_step(cfg, tx)
+    return state, train_lib.jit_train_step(cfg, tx, loss_fn), source
 
 
 def _logits_train_loss(params, cfg, input_batch, target_batch, dropout_key):
-    """The training loss the plain way: all logits, then cross-entropy (threefry dropout masks)."""
-    from jaxgpt.loss import cross_entropy
+    """The training loss the plain way: all (B, T, V) logits, then cross-entropy (same dropout)."""
+    from jaxgpt.loss import cross_entropy, dropout_rng
     from jaxgpt.model import GPTModel
 
-    rngs = {"dropout": dropout_key}
+    rngs = {"dropout": dropout_rng(dropout_key)}
     logits = GPTModel(cfg).apply({"params": params}, input_batch, deterministic=False, rngs=rngs)
     return cross_entropy(logits, target_batch)
 
@@ -139,7 +142,7 @@ def bench_jaxgpt_train(args) -> dict:
     ]
     key = jax.random.key(1)
 
-    state, step_fn = _library_train_step(cfg, args)
+    state, step_fn, step_source = _library_train_step(cfg, args)
     n_params = count_params(state.params)
 
     jax.block_until_ready(state)  # the initialisation runs asynchronously: keep it out of the compile time
@@ -187,7 +190,7 @@ def bench_jaxgpt_train(args) -> dict:
         "vocab_pad_multiple": cfg.vocab_pad_multiple,
         "loss": args.loss,
         "drop_rate": cfg.drop_rate,
-        "step_source": "jaxgpt.train.train_step",
+        "step_source": step_source,
         "device": f"{device.platform}:{device.device_kind}",
         "n_params": n_params,
         "model_flops_per_token": flops_tok,
@@ -705,7 +708,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="chunked",
         choices=["chunked", "logits"],
         help="chunked: the library's train loss (jaxgpt.loss.train_loss: head and cross-entropy 1024 rows "
-        "at a time, rbg dropout masks); logits: full logits then cross-entropy, for comparison",
+        "at a time); logits: all (B, T, V) logits, then cross-entropy, for comparison (same dropout)",
     )
     t.add_argument(
         "--lr", type=float, default=4e-4, help="AdamW learning rate (default 4e-4; weight decay 0.1)"

@@ -44,6 +44,22 @@ def test_train_json_then_report_prints_the_same_result(tmp_path):
     assert f"tokens_per_s       {r['tokens_per_s']:.1f}" in shown.stdout
 
 
+def test_train_with_the_loss_from_full_logits_reaches_the_same_loss():
+    # --loss logits times the same library step with the plain loss bound in its place: the same
+    # batches, dropout and updates, so the same final loss as the chunked default.
+    common = (
+        "train", "--preset", "quickstart", "--context-length", "32", "--batch-size", "2",
+        "--steps", "2", "--warmup", "1", "--references", "none", "--json",
+    )  # fmt: skip
+    runs = {loss: _bench(*common, "--loss", loss) for loss in ("chunked", "logits")}
+    for run in runs.values():
+        assert run.returncode == 0, run.stderr[-2000:]
+    chunked, logits = (json.loads(runs[k].stdout.strip().splitlines()[-1]) for k in ("chunked", "logits"))
+
+    assert logits["loss"] == "logits" and "full logits" in logits["step_source"]
+    assert logits["final_loss"] == pytest.approx(chunked["final_loss"], rel=1e-5)
+
+
 def test_generate_json_with_a_profile_of_the_decode(tmp_path):
     # The decode benchmark on the quick-start model, with XLA's CPU ops traced: its figures agree
     # with each other, and the profile divides the traced call's op time by its decode steps.

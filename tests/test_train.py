@@ -11,7 +11,8 @@ import pytest
 
 from jaxgpt.config import GPTConfig
 from jaxgpt.data import DataLoader, sliding_windows
-from jaxgpt.loss import calc_loss_loader
+from jaxgpt.loss import calc_loss_batch, calc_loss_loader, cross_entropy, dropout_rng
+from jaxgpt.model import GPTModel
 from jaxgpt.train import (
     Hooks,
     NonFiniteLossError,
@@ -126,6 +127,36 @@ def test_grad_accumulation_equals_one_big_batch():
     ):
         err = float(jnp.max(jnp.abs(a - b)))
         assert err < 1e-6, f"{jax.tree_util.keystr(path)}: accumulated vs big batch differ by {err}"
+
+
+def test_train_step_differentiates_the_loss_it_is_given():
+    # The plain way, full logits then cross-entropy with the same dropout keys, bound as loss_fn:
+    # the same loss and the same SGD update as the default chunked train loss; twice it, twice
+    # the loss.
+    cfg = TINY.replace(drop_rate=0.5)
+
+    def full_logits_loss(params, cfg, x, y, dropout_key):
+        rngs = {"dropout": dropout_rng(dropout_key)}
+        logits = GPTModel(cfg).apply({"params": params}, x, deterministic=False, rngs=rngs)
+        return cross_entropy(logits, y)
+
+    tx = optax.sgd(1.0)
+    state, _ = create_train_state(cfg, TrainConfig(), jax.random.PRNGKey(3), 10)
+    state = state.replace(opt_state=tx.init(state.params))
+    rng = np.random.default_rng(4)
+    batch = tuple(jnp.asarray(rng.integers(0, V, (4, 8))) for _ in range(2))
+    copy = lambda s: jax.tree.map(jnp.array, s)  # noqa: E731
+
+    plain, m_plain = jit_train_step(cfg, tx, full_logits_loss)(copy(state), batch)
+    default, m_default = jit_train_step(cfg, tx)(copy(state), batch)
+
+    assert float(m_plain["loss"]) == pytest.approx(float(m_default["loss"]), rel=1e-6)
+    assert float(m_plain["loss"]) != pytest.approx(float(calc_loss_batch(state.params, cfg, *batch)))
+    for a, b in zip(jax.tree.leaves(plain.params), jax.tree.leaves(default.params), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    doubled = lambda *args: 2 * full_logits_loss(*args)  # noqa: E731
+    _, m_doubled = jit_train_step(cfg, tx, doubled)(copy(state), batch)
+    assert float(m_doubled["loss"]) == pytest.approx(2 * float(m_plain["loss"]), rel=1e-6)
 
 
 def test_accumulation_groups_consecutive_batches_of_an_epoch():
