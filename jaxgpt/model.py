@@ -353,7 +353,7 @@ class MultiHeadAttention(nn.Module):
             def flat(a: Array) -> Array:  # (B, n_heads, S, head_dim) -> (B * n_heads, S, head_dim)
                 return a.reshape(B * n_heads, -1, head_dim)
 
-            layout = kv["k"].shape
+            cache_shape = kv["k"].shape  # either layout; the result goes back to it
             kv = {
                 name: jax.lax.dynamic_update_slice_in_dim(
                     flat(kv[name]), flat(new.transpose(0, 2, 1, 3)).astype(kv[name].dtype), index, axis=1
@@ -372,7 +372,7 @@ class MultiHeadAttention(nn.Module):
                 layout="flat",
             )  # (B * n_heads, T, head_dim)
             context_vec = context_vec.reshape(B, n_heads, T, head_dim).transpose(0, 2, 1, 3)
-            kv = {name: a.reshape(layout) for name, a in kv.items()}
+            kv = {name: a.reshape(cache_shape) for name, a in kv.items()}
         elif cfg.drop_rate > 0 and not self.deterministic:
             # jax.nn.dot_product_attention has no dropout, so training with dropout keeps the
             # book's explicit attention weights and drops them exactly as the book does.
