@@ -1,10 +1,34 @@
-"""The book's chapter-5 loss figure: training and validation loss against tokens seen."""
+"""Figures: the book's chapter-5 loss plot, and where the companion notebooks write theirs."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+
+def figure_dir(notebook_file: str | None = None) -> Path:
+    """The folder figures go to: ``$JAXGPT_FIGURES``, else ``figures/`` beside the notebook.
+
+    Inside Jupyter a notebook has no ``__file__``; then it is ``figures/`` in the working directory.
+    The folder is created if needed.
+    """
+    here = Path(notebook_file).resolve().parent if notebook_file else Path.cwd()
+    folder = Path(os.environ.get("JAXGPT_FIGURES", here / "figures"))
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def save_figure(fig: Any, name: str, notebook_file: str | None = None) -> Path:
+    """Write a matplotlib figure as ``name`` in :func:`figure_dir`, close it and print the path."""
+    import matplotlib.pyplot as plt
+
+    path = figure_dir(notebook_file) / name
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    print(f"figure written: {path}")
+    return path
 
 
 def plot_losses(records: Sequence[dict[str, Any]], path: str | Path, title: str | None = None) -> Path:

@@ -28,6 +28,7 @@
 # `the-verdict.txt`; without it the built-in corpus is used — nothing is downloaded).
 
 # %%
+import functools
 import os
 import sys
 from pathlib import Path
@@ -43,21 +44,11 @@ import numpy as np
 
 import jaxgpt
 from jaxgpt.data import DataLoader
+from jaxgpt.plot import save_figure
 
 QUICK = os.environ.get("JAXGPT_QUICK", "0") == "1"
-try:
-    _HERE = Path(__file__).resolve().parent
-except NameError:  # inside Jupyter
-    _HERE = Path.cwd()
-FIG_DIR = Path(os.environ.get("JAXGPT_FIGURES", _HERE / "figures"))
-FIG_DIR.mkdir(parents=True, exist_ok=True)
-
-
-def save(fig, name):
-    path = FIG_DIR / name
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    print(f"figure written: {path}")
+# Figures go to $JAXGPT_FIGURES, else figures/ beside this notebook.
+save = functools.partial(save_figure, notebook_file=globals().get("__file__"))
 
 
 # %% [markdown]

@@ -27,10 +27,9 @@
 # Environment variables: `JAXGPT_FIGURES` (figure folder, default `notebooks/figures/`).
 
 # %%
+import functools
 import math
-import os
 import sys
-from pathlib import Path
 
 import matplotlib
 
@@ -43,20 +42,10 @@ import numpy as np
 
 import jaxgpt
 from jaxgpt.model import MultiHeadAttention
+from jaxgpt.plot import save_figure
 
-try:
-    _HERE = Path(__file__).resolve().parent
-except NameError:  # inside Jupyter
-    _HERE = Path.cwd()
-FIG_DIR = Path(os.environ.get("JAXGPT_FIGURES", _HERE / "figures"))
-FIG_DIR.mkdir(parents=True, exist_ok=True)
-
-
-def save(fig, name):
-    path = FIG_DIR / name
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    print(f"figure written: {path}")
+# Figures go to $JAXGPT_FIGURES, else figures/ beside this notebook.
+save = functools.partial(save_figure, notebook_file=globals().get("__file__"))
 
 
 def attention_by_hand(params, x, mask, n_heads):

@@ -25,10 +25,10 @@
 # `JAXGPT_QUICK=1` (a shorter Pre-LN/Post-LN run, for the test suite).
 
 # %%
+import functools
 import math
 import os
 import sys
-from pathlib import Path
 
 import matplotlib
 
@@ -43,21 +43,11 @@ import optax
 
 import jaxgpt
 from jaxgpt.model import FeedForward, GPTModel, LayerNorm, TransformerBlock, gelu
+from jaxgpt.plot import save_figure
 
 QUICK = os.environ.get("JAXGPT_QUICK", "0") == "1"
-try:
-    _HERE = Path(__file__).resolve().parent
-except NameError:  # inside Jupyter
-    _HERE = Path.cwd()
-FIG_DIR = Path(os.environ.get("JAXGPT_FIGURES", _HERE / "figures"))
-FIG_DIR.mkdir(parents=True, exist_ok=True)
-
-
-def save(fig, name):
-    path = FIG_DIR / name
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    print(f"figure written: {path}")
+# Figures go to $JAXGPT_FIGURES, else figures/ beside this notebook.
+save = functools.partial(save_figure, notebook_file=globals().get("__file__"))
 
 
 GPT_CONFIG_124M = jaxgpt.get_config("gpt2-small")  # the book's configuration (context_length 1024)

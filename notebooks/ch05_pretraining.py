@@ -32,6 +32,7 @@
 # laptop CPU.
 
 # %%
+import functools
 import math
 import os
 import sys
@@ -57,21 +58,12 @@ import jaxgpt.weights
 from jaxgpt import train as jt
 from jaxgpt.checkpoint import CheckpointManager, load_checkpoint
 from jaxgpt.generate import apply_temperature, sample_next_token, top_k_mask, top_p_mask
+from jaxgpt.plot import figure_dir, save_figure
 
 QUICK = os.environ.get("JAXGPT_QUICK", "0") == "1"
-try:
-    _HERE = Path(__file__).resolve().parent
-except NameError:  # inside Jupyter
-    _HERE = Path.cwd()
-FIG_DIR = Path(os.environ.get("JAXGPT_FIGURES", _HERE / "figures"))
-FIG_DIR.mkdir(parents=True, exist_ok=True)
-
-
-def save(fig, name):
-    path = FIG_DIR / name
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    print(f"figure written: {path}")
+# Figures go to $JAXGPT_FIGURES, else figures/ beside this notebook.
+save = functools.partial(save_figure, notebook_file=globals().get("__file__"))
+FIG_DIR = figure_dir(globals().get("__file__"))
 
 
 # Full float32 matmuls (PyTorch's default too); GPUs would otherwise use TF32 for float32.
