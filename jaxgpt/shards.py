@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 import tiktoken
 
-from jaxgpt.data import _check_non_negative_int, _check_positive_int
+from jaxgpt.data import BatchOrder
 from jaxgpt.tokenizer import BPE_FILES, EOT_ID, EOT_TEXT, get_tokenizer
 
 FORMAT = "jaxgpt-token-shards"
@@ -68,6 +68,11 @@ def _sha256_file(path: Path, block: int = 8 * 2**20) -> str:
         while chunk := f.read(block):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def _check_positive(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -197,7 +202,7 @@ def _chunk_ends(path: Path, chunk_bytes: int) -> list[int]:
 
 def plan_chunks(files: Sequence[Path], chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> list[dict[str, Any]]:
     """Every chunk as ``{"file", "start", "end", "eot"}``; ``eot`` = append the document separator."""
-    _check_positive_int("chunk_bytes", chunk_bytes)
+    _check_positive("chunk_bytes", chunk_bytes)
     chunks = []
     for n, path in enumerate(files):
         start = 0
@@ -562,8 +567,8 @@ class ShardWindows:
     stop: int | None = None
 
     def __post_init__(self) -> None:
-        _check_positive_int("max_length", self.max_length)
-        _check_positive_int("stride", self.stride)
+        _check_positive("max_length", self.max_length)
+        _check_positive("stride", self.stride)
         stop = len(self.tokens) if self.stop is None else self.stop
         if not 0 <= self.start <= stop <= len(self.tokens):
             raise ValueError(
@@ -593,13 +598,13 @@ class ShardWindows:
 
 
 @dataclass(frozen=True, eq=False)
-class ShardLoader:
+class ShardLoader(BatchOrder):
     """Batches of windows from shards, in the same order as ``jaxgpt.data.DataLoader``.
 
-    Same interface (``len``, ``order(epoch)``, ``iter_epoch(epoch, start)``), same shuffling:
-    epoch ``e``'s order is ``default_rng([seed, e]).permutation(N)``, so for the same tokens
-    the two loaders give identical batches, and ``(epoch, batch index)`` is the whole data
-    position a checkpoint needs. The permutation costs 8 bytes per window of memory.
+    Same interface (``len``, ``order(epoch)``, ``iter_epoch(epoch, start)``), both being a
+    ``jaxgpt.data.BatchOrder``, so for the same tokens the two loaders give identical batches,
+    and ``(epoch, batch index)`` is the whole data position a checkpoint needs. The permutation
+    costs 8 bytes per window of memory.
 
     With several processes, each yields only its rows of every global batch: process ``p`` of
     ``P`` gets rows ``p*B/P : (p+1)*B/P`` (``batch_size`` is the global B).
@@ -614,9 +619,8 @@ class ShardLoader:
     process_count: int = 1
 
     def __post_init__(self) -> None:
-        _check_positive_int("batch_size", self.batch_size)
-        _check_non_negative_int("seed", self.seed)
-        _check_positive_int("process_count", self.process_count)
+        self.check_batching()
+        _check_positive("process_count", self.process_count)
         if not 0 <= self.process_index < self.process_count:
             raise ValueError(f"process_index must be in [0, {self.process_count}), got {self.process_index}")
         if self.batch_size % self.process_count:
@@ -630,31 +634,13 @@ class ShardLoader:
     def num_windows(self) -> int:
         return len(self.windows)
 
-    def __len__(self) -> int:
-        full, rest = divmod(self.num_windows, self.batch_size)
-        return full if self.drop_last or rest == 0 else full + 1
-
-    def order(self, epoch: int) -> np.ndarray:
-        _check_non_negative_int("epoch", epoch)
-        if not self.shuffle:
-            return np.arange(self.num_windows)
-        return np.random.default_rng([self.seed, epoch]).permutation(self.num_windows)
-
     def iter_epoch(self, epoch: int = 0, start: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Yield this process's part ``(x, y)`` of batches ``start, start+1, ...`` of ``epoch``."""
-        _check_non_negative_int("start", start)
-        if start > len(self):
-            raise ValueError(f"start must be at most {len(self)} (batches per epoch), got {start}")
-        order = self.order(epoch)
         local = self.batch_size // self.process_count
-        for b in range(start, len(self)):
-            rows = order[b * self.batch_size : (b + 1) * self.batch_size]  # (B,)
+        for rows in self.batch_indices(epoch, start):  # (B,)
             if self.process_count > 1:
                 rows = rows[self.process_index * local : (self.process_index + 1) * local]
             yield self.windows.rows(rows)
-
-    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        return self.iter_epoch(0)
 
 
 def shard_loaders(
