@@ -159,16 +159,18 @@ def _peak_rss_mb() -> float:
 def bench_stream(args: argparse.Namespace) -> None:
     import numpy as np
 
-    from jaxgpt.shards import ShardLoader, ShardWindows, is_shard_dir, open_shards, write_token_shards
+    from jaxgpt.shards import ShardError, ShardLoader, ShardWindows, open_shards, write_token_shards
     from jaxgpt.tokenizer import N_VOCAB
 
     print(f"RSS at start: {_rss_mb():.0f} MB")
     n_tokens = int(args.gb * 1e9) // 2
     per_shard = 16 * 2**20  # 32 MiB shards
     directory = Path(args.dir)
-    if not (
-        is_shard_dir(directory) and open_shards(directory, verify=False).manifest["total_tokens"] == n_tokens
-    ):
+    try:  # the corpus of an earlier run, when it has the size asked for
+        reuse = open_shards(directory, verify=False).manifest["total_tokens"] == n_tokens
+    except ShardError:
+        reuse = False
+    if not reuse:
         if directory.exists():
             import shutil
 
