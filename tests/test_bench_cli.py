@@ -287,6 +287,20 @@ def test_bad_input_from_the_command_line_exits_2_before_any_work(tmp_path):
     assert not (tmp_path / "trace").exists()
 
 
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["scale", "mesh", "--steps", "0"], "argument --steps: must be a positive integer"),
+        (["scale", "mesh", "--cpu-devices", "-2"], "argument --cpu-devices: must be 0 or more"),
+        (["scale", "stream", "--gb", "nan"], "argument --gb: must be a positive number of GB"),
+    ],
+)
+def test_bad_scale_input_exits_2_with_one_line(argv, message):
+    run = _bench(*argv)  # bench.py hands `scale` to scripts/bench_scale.py in the same process
+    assert (run.returncode, run.stdout) == (2, "")
+    assert run.stderr.count("\n") == 1 and message in run.stderr, run.stderr
+
+
 def test_help_documents_the_exit_codes():
     for argv in (["--help"], ["train", "--help"]):
         run = _bench(*argv)
