@@ -120,6 +120,7 @@ class BatchOrder:
             yield order[b * self.batch_size : (b + 1) * self.batch_size]
 
     def iter_epoch(self, epoch: int = 0, start: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """The ``(x, y)`` batches of ``batch_indices(epoch, start)``: each loader reads its own."""
         raise NotImplementedError
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
