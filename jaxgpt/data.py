@@ -75,8 +75,60 @@ def sliding_windows(
     return ids[index].astype(np.int32), ids[index + 1].astype(np.int32)
 
 
+class BatchOrder:
+    """Which windows each batch of each epoch holds: the indexing every loader inherits.
+
+    ``DataLoader`` (windows in memory) and ``jaxgpt.shards.ShardLoader`` (windows read from
+    prepared shards) both build on this, so for the same windows they give the same batches.
+    Epoch ``e`` visits the ``num_windows`` windows in the order
+    ``default_rng([seed, e]).permutation(N)`` (``0..N-1`` without ``shuffle``), cut into batches
+    of ``batch_size``; ``drop_last`` leaves out a last short batch. The order is a pure function
+    of ``(seed, epoch)``, so ``(epoch, batch index)`` is the whole data position of a run.
+    A loader supplies those five attributes and ``iter_epoch``.
+    """
+
+    num_windows: int
+    batch_size: int
+    shuffle: bool
+    drop_last: bool
+    seed: int
+
+    def check_batching(self) -> None:
+        """Raise ValueError for a ``batch_size`` or ``seed`` no epoch can use (for ``__post_init__``)."""
+        _check_positive_int("batch_size", self.batch_size)
+        _check_non_negative_int("seed", self.seed)
+
+    def __len__(self) -> int:
+        """Batches per epoch."""
+        full, rest = divmod(self.num_windows, self.batch_size)
+        return full if self.drop_last or rest == 0 else full + 1
+
+    def order(self, epoch: int) -> np.ndarray:
+        """(N,) the window indices in the order epoch ``epoch`` visits them."""
+        _check_non_negative_int("epoch", epoch)
+        if not self.shuffle:
+            return np.arange(self.num_windows)
+        return np.random.default_rng([self.seed, epoch]).permutation(self.num_windows)
+
+    def batch_indices(self, epoch: int = 0, start: int = 0) -> Iterator[np.ndarray]:
+        """(B,) window indices of batches ``start, start+1, ...`` of epoch ``epoch``."""
+        _check_non_negative_int("start", start)
+        if start > len(self):
+            raise ValueError(f"start must be at most {len(self)} (batches per epoch), got {start}")
+        order = self.order(epoch)
+        for b in range(start, len(self)):
+            yield order[b * self.batch_size : (b + 1) * self.batch_size]
+
+    def iter_epoch(self, epoch: int = 0, start: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """The ``(x, y)`` batches of ``batch_indices(epoch, start)``: each loader reads its own."""
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        return self.iter_epoch(0)
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
-class DataLoader:
+class DataLoader(BatchOrder):
     """Batches of (input, target) windows, as the book's ``create_dataloader_v1`` gives.
 
     Iterating the loader yields epoch 0. A training loop asks for each epoch by
@@ -106,8 +158,7 @@ class DataLoader:
             raise ValueError(
                 f"inputs and targets must both have shape (N, T), got {inputs.shape} and {targets.shape}"
             )
-        _check_positive_int("batch_size", self.batch_size)
-        _check_non_negative_int("seed", self.seed)
+        self.check_batching()
         object.__setattr__(self, "inputs", inputs)
         object.__setattr__(self, "targets", targets)
 
@@ -116,34 +167,14 @@ class DataLoader:
         """N, the number of (input, target) windows."""
         return self.inputs.shape[0]
 
-    def __len__(self) -> int:
-        """Batches per epoch."""
-        full, rest = divmod(self.num_windows, self.batch_size)
-        return full if self.drop_last or rest == 0 else full + 1
-
-    def order(self, epoch: int) -> np.ndarray:
-        """(N,) the window indices in the order epoch ``epoch`` visits them."""
-        _check_non_negative_int("epoch", epoch)
-        if not self.shuffle:
-            return np.arange(self.num_windows)
-        return np.random.default_rng([self.seed, epoch]).permutation(self.num_windows)
-
     def iter_epoch(self, epoch: int = 0, start: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Yield the batches ``(x, y)`` of epoch ``epoch`` from batch index ``start`` on.
 
         ``x`` and ``y`` are (B, T) int32; with ``drop_last=False`` the last batch
         may have fewer than B rows.
         """
-        _check_non_negative_int("start", start)
-        if start > len(self):
-            raise ValueError(f"start must be at most {len(self)} (batches per epoch), got {start}")
-        order = self.order(epoch)
-        for b in range(start, len(self)):
-            rows = order[b * self.batch_size : (b + 1) * self.batch_size]  # (B,)
+        for rows in self.batch_indices(epoch, start):  # (B,)
             yield self.inputs[rows], self.targets[rows]
-
-    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        return self.iter_epoch(0)
 
 
 def create_dataloader(

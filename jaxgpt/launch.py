@@ -1,33 +1,28 @@
 """Start-up step for the command-line tools: re-run the process once with a faster memory allocator.
 
-Why: a CPU training step allocates a few very large buffers (for gpt2-small at context 256 and
-batch 8, XLA's scratch buffer for one step is 4.5 GB). glibc's malloc serves such buffers with
-``mmap`` and gives them back to the kernel with ``munmap`` when they are freed, so every step
-faults the same gigabytes in again, page by page (4.4M page faults and about 5 s of system time
-per 14 s step, measured). The allocator is chosen when a process starts, so it cannot be
-changed from inside Python: the CLIs call :func:`relaunch_with_fast_allocator` first thing, which
-re-executes the same command once with the allocator environment added.
+Why: a CPU train step allocates a few very large buffers (XLA's scratch space for the step).
+glibc's malloc serves buffers that large with ``mmap`` and returns them to the kernel with
+``munmap`` when they are freed, so every step faults the same memory in again, page by page,
+and spends much of its time in the kernel. The allocator is chosen when a process starts, so it
+cannot be changed from inside Python: the CLIs call :func:`relaunch_with_fast_allocator` first
+thing, which re-executes the same command once with the allocator environment added.
 
 Two ways, the first that applies (:func:`allocator_env`):
 
 * **mimalloc** (the ``cmeel-mimalloc`` wheel, a dependency on Linux): preloaded with
-  ``LD_PRELOAD``, told never to hand freed memory back (``MIMALLOC_PURGE_DELAY=-1``). Its
-  per-thread heaps keep XLA's compiler threads off each other's locks. Measured against the
-  glibc settings below (gpt2-small train step, fresh processes, alternating): the first compile
-  2.6-3.5 s instead of 3.7-7.5 s, steps as fast, peak RSS 6.7 GB instead of 10.6-15 GB. mimalloc
-  still maps allocations above 2 GiB (its ``arena_max_object_size``) fresh from the kernel each
-  time, so the 4.5 GB scratch buffer costs about 1 s of system time per step (as huge pages);
-  raising the limit measured no faster and sometimes kept a second copy of the buffer.
+  ``LD_PRELOAD`` and told never to hand freed memory back (``MIMALLOC_PURGE_DELAY=-1``). Its
+  per-thread heaps keep XLA's compiler threads off each other's locks, so compiles are faster and
+  the peak memory lower than with the glibc settings below.
 * **glibc tunables** (no package needed): keep freed memory (no ``mmap`` for big requests, no
-  trimming), back the heap with transparent huge pages, and one arena (XLA's worker threads
-  otherwise get per-thread arenas whose heaps are capped at 64 MiB, so glibc serves their big
-  buffers with mmap after all). Steps fault nothing; the single arena makes the compiler's two
-  threads wait on one lock, and fragments: the heap grows in the first steps.
+  trimming), back the heap with transparent huge pages, and use one arena (XLA's worker threads
+  otherwise get per-thread arenas too small for their buffers, which glibc then serves with
+  ``mmap`` after all). Steps fault nothing; the single arena makes compiler threads share a lock.
 
-``JAXGPT_ALLOCATOR=mimalloc|glibc`` picks one; ``JAXGPT_NO_RELAUNCH=1`` turns the step off.
-Harmless elsewhere: it does nothing off Linux, in an interactive session, when the user already
-preloads a library (their choice wins; a tunable or option they set is kept too), and it
-re-executes at most once (a marker variable guards against loops).
+docs/speed.md has the measurements. ``JAXGPT_ALLOCATOR=mimalloc|glibc`` picks one;
+``JAXGPT_NO_RELAUNCH=1`` turns the step off. Harmless elsewhere: it does nothing off Linux, in an
+interactive session, when the user already preloads a library (their choice wins; a tunable or
+option they set is kept too), and it re-executes at most once (a marker variable guards against
+loops).
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ insert the all-gathers and reduce-scatters inside the jitted step.
 Mesh axes (sizes multiply to the number of devices, every axis is always present):
   data     pure data parallelism: params replicated, batch split
   fsdp     fully-sharded data parallelism: batch split *and* params/optimizer state split
-  tensor   room for tensor parallelism (heads, MLP width and vocabulary split); size 1 by default
+  tensor   tensor parallelism: attention heads, MLP width and vocabulary split; size 1 by default
 
 Params get *logical* axis names from their path in the param tree (the book's module names,
 so ``model.py`` needs no annotations), and one table of rules maps logical names to mesh axes:
@@ -46,7 +46,7 @@ MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")  # the global batch is split over both
 
 # Logical axis name -> mesh axis (or None: replicated). The first rule for a name wins.
-DEFAULT_RULES: tuple[tuple[str, str | None], ...] = (
+RULES: tuple[tuple[str, str | None], ...] = (
     ("layers", None),
     ("embed", "fsdp"),
     ("vocab", "tensor"),
@@ -145,13 +145,6 @@ def make_mesh(spec: str | Mapping[str, int] | None = None, devices: Sequence[Any
     return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
 
 
-def describe_mesh(mesh: Mesh) -> str:
-    """``"data=2,fsdp=4,tensor=1 over 8 cpu devices (1 process)"``."""
-    axes = ",".join(f"{a}={s}" for a, s in mesh.shape.items())
-    platform = mesh.devices.flat[0].platform
-    return f"{axes} over {mesh.devices.size} {platform} devices ({jax.process_count()} process(es))"
-
-
 def maybe_initialize_distributed() -> bool:
     """Join a multi-process job when the environment describes one; returns True if it did.
 
@@ -181,11 +174,6 @@ def maybe_initialize_distributed() -> bool:
         jax.distributed.initialize()
         return True
     return False
-
-
-def is_main_process() -> bool:
-    """True on the process that writes logs, plots, samples (process 0)."""
-    return jax.process_index() == 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -225,13 +213,8 @@ def logical_axes(path: Sequence[Any] | Sequence[str], ndim: int) -> tuple[str, .
     return axes if len(axes) == ndim else None
 
 
-def spec_for(
-    axes: Sequence[str] | None,
-    shape: Sequence[int],
-    mesh: Mesh,
-    rules: Sequence[tuple[str, str | None]] = DEFAULT_RULES,
-) -> PartitionSpec:
-    """PartitionSpec for an array of ``shape`` with logical ``axes`` under ``rules``.
+def spec_for(axes: Sequence[str] | None, shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
+    """PartitionSpec for an array of ``shape`` with logical ``axes`` under :data:`RULES`.
 
     A dim stays replicated when its mesh axis has size 1, does not divide it, or is already used
     by an earlier dim of the same array.
@@ -239,7 +222,7 @@ def spec_for(
     if axes is None:
         return PartitionSpec()
     table: dict[str, str | None] = {}
-    for logical, mesh_axis in rules:
+    for logical, mesh_axis in RULES:
         table.setdefault(logical, mesh_axis)
     used: set[str] = set()
     out: list[str | None] = []
@@ -261,7 +244,7 @@ def _shape_of(leaf: Any) -> tuple[int, ...]:
     return tuple(getattr(leaf, "shape", np.shape(leaf)))
 
 
-def state_specs(tree: Any, mesh: Mesh, rules: Sequence[tuple[str, str | None]] = DEFAULT_RULES) -> Any:
+def state_specs(tree: Any, mesh: Mesh) -> Any:
     """PartitionSpec for every leaf of ``tree``: params, optimizer state, or a whole train state.
 
     Leaves may be arrays or ``jax.ShapeDtypeStruct`` (from ``jax.eval_shape``). A leaf whose path
@@ -271,21 +254,18 @@ def state_specs(tree: Any, mesh: Mesh, rules: Sequence[tuple[str, str | None]] =
 
     def one(path: Any, leaf: Any) -> PartitionSpec:
         shape = _shape_of(leaf)
-        return spec_for(logical_axes(path, len(shape)), shape, mesh, rules)
+        return spec_for(logical_axes(path, len(shape)), shape, mesh)
 
     return jax.tree_util.tree_map_with_path(one, tree)
 
 
-def state_shardings(tree: Any, mesh: Mesh, rules: Sequence[tuple[str, str | None]] = DEFAULT_RULES) -> Any:
+def state_shardings(tree: Any, mesh: Mesh) -> Any:
     """NamedSharding for every leaf of ``tree`` (see :func:`state_specs`)."""
     return jax.tree_util.tree_map(
         lambda spec: NamedSharding(mesh, spec),
-        state_specs(tree, mesh, rules),
+        state_specs(tree, mesh),
         is_leaf=lambda x: isinstance(x, PartitionSpec),
     )
-
-
-param_shardings = state_shardings  # params are a train state's subtree; the rules are the same
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -331,17 +311,12 @@ def shard_batch(batch: Any, mesh: Mesh) -> Any:
     return jax.tree_util.tree_map(one, batch)
 
 
-def shard_state(state: Any, mesh: Mesh, rules: Sequence[tuple[str, str | None]] = DEFAULT_RULES) -> Any:
+def shard_state(state: Any, mesh: Mesh) -> Any:
     """Move an existing (e.g. single-device) train state onto the mesh by the rules."""
-    return jax.device_put(state, state_shardings(state, mesh, rules))
+    return jax.device_put(state, state_shardings(state, mesh))
 
 
-def init_sharded(
-    init_fn: Callable[..., Any],
-    mesh: Mesh,
-    *args: Any,
-    rules: Sequence[tuple[str, str | None]] = DEFAULT_RULES,
-) -> tuple[Any, Any]:
+def init_sharded(init_fn: Callable[..., Any], mesh: Mesh, *args: Any) -> tuple[Any, Any]:
     """Run ``init_fn(*args)`` so that each device only ever holds its own shards.
 
     ``jax.eval_shape`` gives the state's shapes without computing anything, the rules turn them
@@ -349,7 +324,7 @@ def init_sharded(
     (a model too big for one device never exists whole). Returns ``(state, shardings)``.
     """
     shapes = jax.eval_shape(init_fn, *args)
-    shardings = state_shardings(shapes, mesh, rules)
+    shardings = state_shardings(shapes, mesh)
     state = jax.jit(init_fn, out_shardings=shardings)(*args)
     return state, shardings
 
@@ -371,25 +346,23 @@ def shard_train_step(
     step_fn: Callable[..., Any],
     mesh: Mesh,
     state_shardings: Any,
-    extra_args: int = 0,
     accumulate: bool = False,
-    donate: bool = True,
 ) -> Callable[..., Any]:
-    """Jit ``step_fn(state, batch, *extra) -> (state, metrics)`` with the mesh's shardings.
+    """Jit ``step_fn(state, batch) -> (state, metrics)`` with the mesh's shardings.
 
     ``step_fn`` is the plain, un-jitted train step (config bound with ``functools.partial``).
     State comes and goes with ``state_shardings``; the batch rows are split over ``data`` x
-    ``fsdp`` (with ``accumulate``, batches are (A, B, T) and B is split); the ``extra_args``
-    further positional arguments (e.g. an rng key) and the metrics are replicated. XLA inserts
-    the collectives: all-gathers of FSDP params before use, reduce-scatters / all-reduces of the
-    gradients. The state's buffers are donated; :func:`jaxgpt.xla.compiler_options` apply.
+    ``fsdp`` (with ``accumulate``, batches are (A, B, T) and B is split); the metrics are
+    replicated. XLA inserts the collectives: all-gathers of FSDP params before use,
+    reduce-scatters / all-reduces of the gradients. The state's buffers are donated;
+    :func:`jaxgpt.xla.compiler_options` apply.
     """
     batch = NamedSharding(mesh, PartitionSpec(None, BATCH_AXES)) if accumulate else batch_sharding(mesh)
     return jax.jit(
         step_fn,
-        in_shardings=(state_shardings, batch) + (replicated(mesh),) * extra_args,
+        in_shardings=(state_shardings, batch),
         out_shardings=(state_shardings, replicated(mesh)),
-        donate_argnums=(0,) if donate else (),
+        donate_argnums=(0,),
         compiler_options=compiler_options(mesh.devices.flat[0].platform),
     )
 
@@ -442,8 +415,3 @@ class MeshLoader:
 
     def __iter__(self) -> Any:
         return self.iter_epoch(0)
-
-
-def addressable_shard_shapes(tree: Any) -> Any:
-    """For inspection and tests: the shapes of this process's shards of every leaf."""
-    return jax.tree_util.tree_map(lambda a: [s.data.shape for s in a.addressable_shards], tree)

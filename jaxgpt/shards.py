@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 import tiktoken
 
-from jaxgpt.data import _check_non_negative_int, _check_positive_int
+from jaxgpt.data import BatchOrder
 from jaxgpt.tokenizer import BPE_FILES, EOT_ID, EOT_TEXT, get_tokenizer
 
 FORMAT = "jaxgpt-token-shards"
@@ -70,14 +70,23 @@ def _sha256_file(path: Path, block: int = 8 * 2**20) -> str:
     return digest.hexdigest()
 
 
+def _check_positive(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
 def _write_atomic(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see the old file or the whole new one."""
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
@@ -119,6 +128,8 @@ def list_inputs(inputs: str | os.PathLike | Sequence[str | os.PathLike]) -> list
     files: list[Path] = []
     for item in items:
         path = Path(item)
+        if path.is_dir() and is_shard_dir(path) and not (path / "manifest.json").is_file():
+            raise ShardError(_incomplete(path))
         if path.is_dir():
             found = sorted(p for p in path.rglob("*.txt") if p.is_file())
             if not found:
@@ -131,6 +142,9 @@ def list_inputs(inputs: str | os.PathLike | Sequence[str | os.PathLike]) -> list
     empty = [str(p) for p in files if p.stat().st_size == 0]
     if empty:
         raise ValueError(f"empty input file(s): {empty}")
+    unreadable = [str(p) for p in files if not os.access(p, os.R_OK)]
+    if unreadable:
+        raise PermissionError(f"input file(s) cannot be read (permission denied): {unreadable}")
     return files
 
 
@@ -197,7 +211,7 @@ def _chunk_ends(path: Path, chunk_bytes: int) -> list[int]:
 
 def plan_chunks(files: Sequence[Path], chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> list[dict[str, Any]]:
     """Every chunk as ``{"file", "start", "end", "eot"}``; ``eot`` = append the document separator."""
-    _check_positive_int("chunk_bytes", chunk_bytes)
+    _check_positive("chunk_bytes", chunk_bytes)
     chunks = []
     for n, path in enumerate(files):
         start = 0
@@ -271,6 +285,33 @@ def _done_marker(out: Path, index: int) -> dict | None:
     return marker
 
 
+def _check_output_dir(out: Path) -> None:
+    """Raise unless ``out`` is a directory, or one that can be made, that this process may write."""
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"output directory {out} is a file")
+    parent = out
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise NotADirectoryError(f"output directory {out} cannot be created: {parent} is a file")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"output directory {out} cannot be written: {parent} is not writable")
+
+
+def _remove_prepared_files(out: Path) -> None:
+    """Delete what preparation writes into ``out`` (plan, shards, markers, manifest, temporaries)."""
+    for pattern in ("shard_*", "plan.json*", "manifest.json*"):
+        for path in out.glob(pattern):
+            path.unlink(missing_ok=True)
+
+
+def _ignore_sigint() -> None:
+    """Worker initializer: Ctrl-C is the parent's to handle (it stops the pool and says so once)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def prepare_shards(
     inputs: str | os.PathLike | Sequence[str | os.PathLike],
     out_dir: str | os.PathLike,
@@ -284,11 +325,19 @@ def prepare_shards(
 
     ``num_workers`` processes (default: CPU count, at most the number of chunks) tokenize one
     chunk each at a time; a tqdm bar counts input bytes. Re-running after an interruption keeps
-    the finished shards. An ``out_dir`` that holds a *different* dataset (other inputs, chunking
-    or tokenizer) is an error unless ``overwrite`` is set, which deletes its shards first.
+    the finished shards. An unfinished attempt with other inputs (say, a file fixed since it
+    failed) is started again; a *finished* different dataset (other inputs, chunking or
+    tokenizer) is an error unless ``overwrite`` is set, which deletes its shards first.
     ``tokenizer`` None means the GPT-2 tokenizer (each worker builds its own).
+
+    Bad input raises before any tokenizing: FileNotFoundError / ValueError for the inputs,
+    NotADirectoryError / PermissionError / FileExistsError for ``out_dir``; text that is not
+    UTF-8 raises ValueError when its chunk is reached. A run that fails leaves nothing in a
+    directory that was empty, except the finished shards of an interrupted or failed-to-write run.
     """
     files = list_inputs(inputs)
+    out = Path(out_dir)
+    _check_output_dir(out)
     ident = tokenizer_identity(tokenizer or get_tokenizer())
     if ident["n_vocab"] > np.iinfo(DTYPE).max + 1:
         raise ValueError(f"tokenizer has {ident['n_vocab']} ids; uint16 shards hold at most 65536")
@@ -299,23 +348,48 @@ def prepare_shards(
     plan = {"format": FORMAT, "version": VERSION, "tokenizer": ident, "sources": sources, "chunks": chunks}
     plan["dataset_id"] = hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()
 
-    out = Path(out_dir)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     plan_path = out / "plan.json"
+    fresh = created or not any(out.iterdir())
     if plan_path.exists():
-        old = json.loads(plan_path.read_text())
-        if old.get("dataset_id") != plan["dataset_id"]:
-            if not overwrite:
+        try:
+            old_id = json.loads(plan_path.read_text()).get("dataset_id")
+        except (OSError, ValueError, AttributeError):
+            old_id = None  # a damaged plan: nothing in it can be trusted
+        if old_id != plan["dataset_id"]:
+            if (out / "manifest.json").is_file() and not overwrite:
                 raise FileExistsError(
                     f"{out} already holds a different prepared dataset (its inputs, chunking or tokenizer "
                     "differ); choose another directory or pass overwrite=True (--overwrite) to replace it"
                 )
-            for old_file in out.glob("shard_*"):
-                old_file.unlink()
-            (out / "manifest.json").unlink(missing_ok=True)
-    elif any(out.iterdir()):
+            _remove_prepared_files(out)  # an unfinished attempt with other inputs, or overwrite
+    elif not fresh:
         raise FileExistsError(f"{out} is not empty and holds no prepared dataset; choose an empty directory")
-    _write_json_atomic(plan_path, plan)
+    try:
+        return _tokenize_all(out, files, plan, chunks, sources, ident, num_workers, tokenizer, progress)
+    except BaseException as err:
+        finished = any(out.glob("shard_*.json"))
+        if fresh and not (finished and not isinstance(err, ValueError)):
+            _remove_prepared_files(out)  # nothing worth resuming: leave the directory as it was
+            if created:
+                out.rmdir()
+        raise
+
+
+def _tokenize_all(
+    out: Path,
+    files: list[Path],
+    plan: dict[str, Any],
+    chunks: list[dict[str, Any]],
+    sources: list[dict[str, Any]],
+    ident: dict[str, Any],
+    num_workers: int | None,
+    tokenizer: tiktoken.Encoding | None,
+    progress: bool,
+) -> dict[str, Any]:
+    """The work of :func:`prepare_shards` once ``out`` is ready: plan, shards, manifest."""
+    _write_json_atomic(out / "plan.json", plan)
 
     markers: dict[int, dict] = {}
     todo = []
@@ -347,12 +421,19 @@ def prepare_shards(
         else:
             # spawn: the parent may have started JAX's threads, which fork() must not copy
             context = multiprocessing.get_context("spawn")
-            with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+            pool = concurrent.futures.ProcessPoolExecutor(
+                workers, mp_context=context, initializer=_ignore_sigint
+            )
+            with pool:
                 futures = {pool.submit(_tokenize_chunk, str(out), i, chunks[i], tokenizer): i for i in todo}
-                for future in concurrent.futures.as_completed(futures):
-                    i = futures[future]
-                    markers[i] = future.result()
-                    bar.update(chunks[i]["end"] - chunks[i]["start"])
+                try:
+                    for future in concurrent.futures.as_completed(futures):
+                        i = futures[future]
+                        markers[i] = future.result()
+                        bar.update(chunks[i]["end"] - chunks[i]["start"])
+                except BaseException:
+                    pool.shutdown(cancel_futures=True)  # the chunks under way finish; no new ones start
+                    raise
     finally:
         bar.close()
 
@@ -381,8 +462,17 @@ def prepare_shards(
 
 
 def is_shard_dir(path: str | os.PathLike) -> bool:
-    """True when ``path`` is a directory with a ``manifest.json`` (a prepared dataset)."""
-    return (Path(path) / "manifest.json").is_file()
+    """True when ``path`` is a directory that ``prepare_shards`` wrote: a finished dataset
+    (``manifest.json``) or an incomplete one (``plan.json`` only; ``open_shards`` says so)."""
+    path = Path(path)
+    return (path / "manifest.json").is_file() or (path / "plan.json").is_file()
+
+
+def _incomplete(directory: Path) -> str:
+    return (
+        f"{directory} is an incomplete prepared dataset (its preparation stopped before the end): "
+        "run scripts/prepare.py again with the same inputs to finish it"
+    )
 
 
 class TokenShards:
@@ -502,12 +592,10 @@ def open_shards(
     directory = Path(directory)
     manifest_path = directory / "manifest.json"
     if not manifest_path.is_file():
-        hint = (
-            " (preparation was interrupted: run scripts/prepare.py again to finish it)"
-            if (directory / "plan.json").is_file()
-            else " (make one with scripts/prepare.py)"
-        )
-        raise ShardError(f"no manifest.json in {directory}: not a prepared token dataset{hint}")
+        if (directory / "plan.json").is_file():
+            raise ShardError(_incomplete(directory))
+        hint = "make one with scripts/prepare.py"
+        raise ShardError(f"no manifest.json in {directory}: not a prepared token dataset ({hint})")
     try:
         manifest = json.loads(manifest_path.read_text())
     except ValueError as err:
@@ -562,8 +650,8 @@ class ShardWindows:
     stop: int | None = None
 
     def __post_init__(self) -> None:
-        _check_positive_int("max_length", self.max_length)
-        _check_positive_int("stride", self.stride)
+        _check_positive("max_length", self.max_length)
+        _check_positive("stride", self.stride)
         stop = len(self.tokens) if self.stop is None else self.stop
         if not 0 <= self.start <= stop <= len(self.tokens):
             raise ValueError(
@@ -593,13 +681,13 @@ class ShardWindows:
 
 
 @dataclass(frozen=True, eq=False)
-class ShardLoader:
+class ShardLoader(BatchOrder):
     """Batches of windows from shards, in the same order as ``jaxgpt.data.DataLoader``.
 
-    Same interface (``len``, ``order(epoch)``, ``iter_epoch(epoch, start)``), same shuffling:
-    epoch ``e``'s order is ``default_rng([seed, e]).permutation(N)``, so for the same tokens
-    the two loaders give identical batches, and ``(epoch, batch index)`` is the whole data
-    position a checkpoint needs. The permutation costs 8 bytes per window of memory.
+    Same interface (``len``, ``order(epoch)``, ``iter_epoch(epoch, start)``), both being a
+    ``jaxgpt.data.BatchOrder``, so for the same tokens the two loaders give identical batches,
+    and ``(epoch, batch index)`` is the whole data position a checkpoint needs. The permutation
+    costs 8 bytes per window of memory.
 
     With several processes, each yields only its rows of every global batch: process ``p`` of
     ``P`` gets rows ``p*B/P : (p+1)*B/P`` (``batch_size`` is the global B).
@@ -614,9 +702,8 @@ class ShardLoader:
     process_count: int = 1
 
     def __post_init__(self) -> None:
-        _check_positive_int("batch_size", self.batch_size)
-        _check_non_negative_int("seed", self.seed)
-        _check_positive_int("process_count", self.process_count)
+        self.check_batching()
+        _check_positive("process_count", self.process_count)
         if not 0 <= self.process_index < self.process_count:
             raise ValueError(f"process_index must be in [0, {self.process_count}), got {self.process_index}")
         if self.batch_size % self.process_count:
@@ -630,31 +717,13 @@ class ShardLoader:
     def num_windows(self) -> int:
         return len(self.windows)
 
-    def __len__(self) -> int:
-        full, rest = divmod(self.num_windows, self.batch_size)
-        return full if self.drop_last or rest == 0 else full + 1
-
-    def order(self, epoch: int) -> np.ndarray:
-        _check_non_negative_int("epoch", epoch)
-        if not self.shuffle:
-            return np.arange(self.num_windows)
-        return np.random.default_rng([self.seed, epoch]).permutation(self.num_windows)
-
     def iter_epoch(self, epoch: int = 0, start: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Yield this process's part ``(x, y)`` of batches ``start, start+1, ...`` of ``epoch``."""
-        _check_non_negative_int("start", start)
-        if start > len(self):
-            raise ValueError(f"start must be at most {len(self)} (batches per epoch), got {start}")
-        order = self.order(epoch)
         local = self.batch_size // self.process_count
-        for b in range(start, len(self)):
-            rows = order[b * self.batch_size : (b + 1) * self.batch_size]  # (B,)
+        for rows in self.batch_indices(epoch, start):  # (B,)
             if self.process_count > 1:
                 rows = rows[self.process_index * local : (self.process_index + 1) * local]
             yield self.windows.rows(rows)
-
-    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        return self.iter_epoch(0)
 
 
 def shard_loaders(

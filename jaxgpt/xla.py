@@ -2,15 +2,9 @@
 
 On CPU, XLA emits its fused loops through LLVM at optimisation level 2 by default. jaxgpt's
 steps spend their time in matmul library calls, and the fused loops around them (GELU, softmax,
-LayerNorm, AdamW) vectorise the same at level 1, so level 1 compiles faster and runs as fast.
-Measured on the 2-core CPU (compiles alternated six times in one process; steps alternated):
-
-  gpt2-small train step, fp32          compile 3.0-3.3 -> 2.7-3.0 s   205 vs 207 tok/s
-  the same, bf16 with remat="dots"     compile 3.0-3.6 -> 2.8-3.0 s   336 vs 332 tok/s
-  greedy decode, 100 tokens, B=1/B=8   the same tok/s and the same tokens
-
-Level 0 is no good (the step 33% slower). GPUs and TPUs keep XLA's defaults: their fused kernels
-were not measured here.
+LayerNorm, AdamW) vectorise just as well at level 1, so level 1 compiles faster and runs as fast
+(level 0 makes the steps markedly slower). GPUs and TPUs keep XLA's defaults. docs/speed.md has
+the measurements.
 """
 
 from __future__ import annotations
@@ -39,8 +33,7 @@ NO_CACHE = "JAXGPT_NO_COMPILE_CACHE"  # set to 1 to keep the command-line tools 
 
 def enable_compilation_cache(path: str | os.PathLike[str] | None = None) -> Path | None:
     """Turn on JAX's persistent compilation cache: programs compiled once are kept on disk, and a
-    later process with the same shapes loads them instead of compiling (the gpt2-small train
-    step: 2-5 s the first time, 0.1 s from the cache).
+    later process with the same shapes loads them instead of compiling them again.
 
     The command-line tools call this at start-up; library code never changes JAX's config behind
     a caller's back. ``path`` defaults to ``$JAX_COMPILATION_CACHE_DIR`` when set (JAX's own

@@ -23,39 +23,26 @@ Children, because the allocator environment must be set before a process starts.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(ROOT))
 
+import benchlib  # noqa: E402
+
 from jaxgpt.launch import allocator_env, relaunch_with_fast_allocator  # noqa: E402
 
 # Dense peak of one accelerator chip, bf16, FLOP/s (for MFU). Matched against the device kind.
 GPU_BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
-
-
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def _usage() -> tuple[float, float, int]:
-    """(user CPU s, system CPU s, minor page faults) of this process so far.
-
-    CPU seconds per step barely move when other processes share the cores, unlike wall time, so
-    the bench reports them too; page faults show what the allocator costs.
-    """
-    ru = resource.getrusage(resource.RUSAGE_SELF)
-    return ru.ru_utime, ru.ru_stime, ru.ru_minflt
 
 
 def model_flops_per_token(n_params: int, n_layers: int, emb_dim: int, context_length: int) -> float:
@@ -113,15 +100,11 @@ def _logits_train_loss(params, cfg, input_batch, target_batch, dropout_key):
     return cross_entropy(logits, target_batch)
 
 
-def bench_jaxgpt_train(args) -> dict:
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-
+def model_config(args):
+    """The ``GPTConfig`` that ``train`` benchmarks (ValueError for options it rejects)."""
     from jaxgpt.config import get_config
-    from jaxgpt.model import count_params
 
-    cfg = get_config(
+    return get_config(
         args.preset,
         context_length=args.context_length,
         dtype=args.dtype,
@@ -131,6 +114,16 @@ def bench_jaxgpt_train(args) -> dict:
         scan_unroll=args.scan_unroll,
         vocab_pad_multiple=args.vocab_pad_multiple,
     )
+
+
+def bench_jaxgpt_train(args) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxgpt.model import count_params
+
+    cfg = model_config(args)
     B, T = args.batch_size, cfg.context_length
     rng = np.random.default_rng(0)
     batches = [
@@ -146,11 +139,11 @@ def bench_jaxgpt_train(args) -> dict:
     n_params = count_params(state.params)
 
     jax.block_until_ready(state)  # the initialisation runs asynchronously: keep it out of the compile time
-    u0 = _usage()
+    u0 = benchlib.usage()
     t0 = time.perf_counter()
     compiled = step_fn.lower(state, batches[0], key).compile()
     compile_s = time.perf_counter() - t0
-    compile_cpu_s = sum(_usage()[:2]) - sum(u0[:2])
+    compile_cpu_s = sum(benchlib.usage()[:2]) - sum(u0[:2])
 
     def run(state, i):
         state, out = compiled(state, batches[i % 2], jax.random.fold_in(key, i))
@@ -160,15 +153,15 @@ def bench_jaxgpt_train(args) -> dict:
     for i in range(args.warmup):
         state, _ = run(state, i)
     times = []
-    u0 = _usage()
+    u0 = benchlib.usage()
     for i in range(args.steps):
         t0 = time.perf_counter()
         state, out = run(state, args.warmup + i)
         times.append(time.perf_counter() - t0)
-    u1 = _usage()
+    u1 = benchlib.usage()
     loss = out["loss"]
     step_s = statistics.median(times)
-    peak_rss_mb = _peak_rss_mb()
+    rss_mb = benchlib.peak_rss_mb()
     profile = None
     if args.profile:  # after the timed steps, so tracing costs them nothing
         profile = _profile_steps(run, state, args.profile, first=args.warmup + args.steps)
@@ -202,7 +195,7 @@ def bench_jaxgpt_train(args) -> dict:
         "cpu_user_s_per_step": (u1[0] - u0[0]) / args.steps,
         "cpu_sys_s_per_step": (u1[1] - u0[1]) / args.steps,
         "page_faults_per_step": (u1[2] - u0[2]) / args.steps,
-        "peak_rss_mb": peak_rss_mb,
+        "peak_rss_mb": rss_mb,
         "final_loss": float(loss),
         "achieved_gflops": achieved / 1e9,
     }
@@ -233,18 +226,6 @@ def bench_jaxgpt_train(args) -> dict:
 PROFILED_STEPS = 3
 
 
-def profile_calls(work, directory: str, n_steps: int) -> dict:
-    """Run ``work()`` (``n_steps`` steps) under ``jax.profiler.trace`` and :func:`summarize_trace` it."""
-    import jax
-
-    try:
-        with jax.profiler.trace(directory, create_perfetto_trace=True):
-            work()
-        return summarize_trace(directory, n_steps)
-    except Exception as err:  # e.g. no CUPTI, or a trace laid out otherwise: the bench's figures stand
-        return {"error": f"{type(err).__name__}: {err}"}
-
-
 def _profile_steps(run, state, directory: str, first: int) -> dict:
     """``PROFILED_STEPS`` more train steps, traced and summarised."""
 
@@ -253,136 +234,7 @@ def _profile_steps(run, state, directory: str, first: int) -> dict:
         for i in range(PROFILED_STEPS):
             s, _ = run(s, first + i)
 
-    return profile_calls(steps, directory, PROFILED_STEPS)
-
-
-_KERNEL_KINDS = (  # by name: cuBLAS / CUTLASS / cuDNN kernels, XLA CPU's YNNPACK / oneDNN / Eigen dots
-    ("attention", ("sdpa", "fmha", "flash", "attention", "cudnn::fusion")),
-    (
-        "matmul",
-        ("gemm", "xmma", "cutlass", "nvjet", "gemv", "cublas", "wgmma", "ynn_fusion", "onednn", "dot"),
-    ),
-)
-
-
-def kernel_kind(name: str) -> str:
-    low = name.lower()
-    return next((kind for kind, keys in _KERNEL_KINDS if any(k in low for k in keys)), "other")
-
-
-# XLA's CPU runtime wraps the ops it runs in these events; their own time is not an op's.
-_CPU_WRAPPERS = ("ThunkExecutor::", "SlinkyThreadPool::")
-# Instant markers on the same threads: an op's end, the thread pool's task bookkeeping.
-_CPU_MARKERS = ("end: ", "ThreadpoolListener::")
-_CPU_NOT_OPS = _CPU_WRAPPERS + _CPU_MARKERS
-
-
-def _self_times(events: list[dict]) -> dict[str, float]:
-    """Per event name, the time spent in it outside the events nested inside it (one thread's)."""
-    from collections import defaultdict
-
-    out: dict[str, float] = defaultdict(float)
-    stack: list[tuple[float, float, str]] = []  # (start, duration, name) of the enclosing events
-    for e in sorted(events, key=lambda e: (e["ts"], -e.get("dur", 0.0))):
-        while stack and stack[-1][0] + stack[-1][1] <= e["ts"]:
-            stack.pop()
-        dur = e.get("dur", 0.0)
-        if stack:
-            out[stack[-1][2]] -= dur  # the enclosing event's own time excludes this one
-        stack.append((e["ts"], dur, e["name"]))
-        out[e["name"]] += dur
-    return out
-
-
-def _no_op_time(events: list[dict]) -> float:
-    """Time within the span of ``events`` (any threads) during which none of them was running."""
-    intervals = sorted((e["ts"], e["ts"] + e.get("dur", 0.0)) for e in events)
-    if not intervals:
-        return 0.0
-    idle, reach = 0.0, intervals[0][1]
-    for start, end in intervals[1:]:
-        idle += max(0.0, start - reach)
-        reach = max(reach, end)
-    return idle
-
-
-def summarize_trace(directory: str, n_steps: int, top: int = 25) -> dict:
-    """Where the step's time goes, from the newest ``perfetto_trace.json.gz`` under ``directory``.
-
-    On an accelerator: the kernels (the threads of the ``/device:...`` processes whose names start
-    with "Stream"; kernels a CUDA graph runs side by side each count in full). On a CPU: the ops
-    XLA's thread pool ran (threads "tf_XLAEigen..."), each counted without the ops nested in it;
-    XLA records those only when it runs with ``XLA_FLAGS=--xla_cpu_enable_xprof_traceme=true``.
-    Per step: the total (summed over threads), by kind (matmul, attention, other: XLA's fused
-    elementwise, reduction and copy kernels), per thread, and the ``top`` ops by name.
-
-    On a CPU also ``no_op_ms_per_step``: the time between the first and the last op during which
-    no op ran on any of the pool's threads. It is not idle time: an XLA op that hands its work to
-    Eigen (the ``dot.N`` matmuls XLA does not give to YNNPACK, such as the weight gradients that
-    read a transposed operand) records only its launch, and Eigen's tasks then run untraced.
-    """
-    import gzip
-    from collections import defaultdict
-
-    traces = sorted(Path(directory).rglob("*perfetto_trace.json.gz"), key=lambda q: q.stat().st_mtime)
-    if not traces:
-        return {"error": f"no perfetto_trace.json.gz under {directory}"}
-    with gzip.open(traces[-1], "rt") as f:
-        data = json.load(f)
-    events = data["traceEvents"] if isinstance(data, dict) else data
-    processes = {e["pid"]: e["args"]["name"] for e in events if e.get("name") == "process_name"}
-    threads = {(e["pid"], e["tid"]): e["args"]["name"] for e in events if e.get("name") == "thread_name"}
-    by_thread: dict[tuple, list[dict]] = defaultdict(list)
-    for e in events:
-        if e.get("ph") == "X":
-            by_thread[(e.get("pid"), e.get("tid"))].append(e)
-
-    def pick(keep) -> dict[tuple, list[dict]]:
-        return {k: v for k, v in by_thread.items() if keep(processes.get(k[0], ""), threads.get(k, ""))}
-
-    chosen = pick(lambda proc, thread: proc.startswith("/device:") and thread.startswith("Stream"))
-    on_device = bool(chosen)
-    if not on_device:
-        chosen = pick(lambda proc, thread: thread.startswith("tf_XLAEigen"))
-    per_thread: dict[str, float] = defaultdict(float)
-    per_kernel: dict[str, float] = defaultdict(float)
-    ops: list[dict] = []  # on a CPU: every op event of every pool thread, wrappers left out
-    for key, thread_events in chosen.items():
-        if on_device:  # kernels do not nest, but a CUDA graph may run some at once: each counts
-            durations: dict[str, float] = defaultdict(float)
-            for e in thread_events:
-                durations[e["name"]] += e.get("dur", 0.0)
-        else:
-            durations = _self_times(thread_events)
-            ops += [e for e in thread_events if not e["name"].startswith(_CPU_NOT_OPS)]
-        for name, dur in durations.items():
-            if not name.startswith(_CPU_NOT_OPS):
-                per_kernel[name] += dur
-                per_thread[threads.get(key, str(key[1]))] += dur
-    if not per_kernel:
-        return {
-            "error": "no device kernels or XLA CPU ops in the trace (on a CPU, run with "
-            "XLA_FLAGS=--xla_cpu_enable_xprof_traceme=true)",
-            "trace": str(traces[-1]),
-        }
-    total = sum(per_kernel.values())
-    by_kind: dict[str, float] = defaultdict(float)
-    for name, dur in per_kernel.items():
-        by_kind[kernel_kind(name)] += dur
-    ms = 1e-3 / n_steps  # trace durations are in microseconds
-    ranked = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:top]
-    extra = {} if on_device else {"no_op_ms_per_step": _no_op_time(ops) * ms}
-    return {
-        "trace": str(traces[-1]),
-        **extra,
-        "kernel_ms_per_step": total * ms,
-        "by_kind_ms_per_step": {k: v * ms for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
-        "threads_ms_per_step": {k: v * ms for k, v in sorted(per_thread.items(), key=lambda kv: -kv[1])},
-        "top_kernels": [
-            {"name": name[:160], "kind": kernel_kind(name), "ms_per_step": dur * ms, "share": dur / total}
-            for name, dur in ranked
-        ],
-    }
+    return benchlib.profile_calls(steps, directory, PROFILED_STEPS)
 
 
 # --------------------------------------------------------------------------- PyTorch references
@@ -446,12 +298,12 @@ def torch_reference(
     for _ in range(warmup):
         step()
     times = []
-    u0 = _usage()
+    u0 = benchlib.usage()
     for _ in range(steps):
         t0 = time.perf_counter()
         loss = step()
         times.append(time.perf_counter() - t0)
-    u1 = _usage()
+    u1 = benchlib.usage()
     step_s = statistics.median(times)
     return {
         "cpu_user_s_per_step": (u1[0] - u0[0]) / steps,
@@ -460,7 +312,7 @@ def torch_reference(
         "tokens_per_s": batch_size * T / step_s,
         "step_ms": 1000 * step_s,
         "step_ms_all": [round(1000 * t, 1) for t in times],
-        "peak_rss_mb": _peak_rss_mb(),
+        "peak_rss_mb": benchlib.peak_rss_mb(),
         "final_loss": loss,
         "threads": torch.get_num_threads(),
     }
@@ -595,24 +447,7 @@ def _print_jaxgpt(r: dict) -> None:
         print(f"  peak_device_mb     {r['peak_device_mb']:.0f}")
     print(f"  allocator env      {r.get('allocator_env') or 'default'}")
     if "profile" in r:
-        print_profile(r["profile"])
-
-
-def print_profile(prof: dict, per: str = "step", top: int | None = None) -> None:
-    """The text form of :func:`profile_calls`'s result (times per ``per``: a step, or a decode step)."""
-    if "error" in prof:
-        print(f"  profile            {prof['error']}")
-        return
-    kinds = "  ".join(f"{k} {v:.1f}" for k, v in prof["by_kind_ms_per_step"].items())
-    print(f"  profile            {prof['kernel_ms_per_step']:.1f} ms per {per} in kernels or ops: {kinds}")
-    if "no_op_ms_per_step" in prof:
-        print(
-            f"    {prof['no_op_ms_per_step']:7.2f} ms with no op on any thread"
-            f" (Eigen's untraced work for dot.N ops, and gaps between {per}s)"
-        )
-    for k in prof["top_kernels"][:top]:
-        print(f"    {k['ms_per_step']:7.2f} ms {100 * k['share']:5.1f}%  {k['kind']:<9} {k['name'][:90]}")
-    print(f"  trace              {prof['trace']}")
+        benchlib.print_profile(r["profile"])
 
 
 def _print_ref(r: dict) -> None:
@@ -627,41 +462,56 @@ def _print_ref(r: dict) -> None:
         )
 
 
-def cmd_generate(argv: list[str]) -> int:
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import bench_generate  # the decode benchmark lives beside this file
-
-    return bench_generate.main(argv) or 0
-
-
 def cmd_report(path: str) -> int:
     """Print a saved ``train --json`` result (the file's last non-empty line) as ``train`` would."""
     try:
         lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
         result = json.loads(lines[-1])
-    except (OSError, IndexError, json.JSONDecodeError) as err:
-        raise SystemExit(f"bench.py report: {path} holds no `bench.py train --json` result ({err})") from None
+    except (OSError, IndexError, json.JSONDecodeError, UnicodeDecodeError):
+        result = None
     if not isinstance(result, dict) or "tokens_per_s" not in result:
-        raise SystemExit(f"bench.py report: {path} holds no `bench.py train --json` result")
+        benchlib.bad_input("bench.py report", f"{path} holds no `bench.py train --json` result")
     _print_jaxgpt(result)
     for name, ref in (result.get("references") or {}).items():
         _print_ref({"name": name, **ref})
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="bench.py", description=__doc__.split("\n\n")[0])
+def build_parser() -> benchlib.OneLineParser:
+    p = benchlib.OneLineParser(prog="bench.py", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser(
         "train",
         help="training throughput vs PyTorch references",
         description="Training throughput of jaxgpt's train step, with PyTorch references.",
     )
-    t.add_argument("--preset", default="gpt2-small", help="model preset (default gpt2-small)")
-    t.add_argument("--context-length", type=int, default=256, help="tokens per row (default 256, the book's)")
-    t.add_argument("--batch-size", type=int, default=8, help="rows per step (default 8)")
-    t.add_argument(
-        "--steps", type=int, default=4, help="timed steps after warm-up; the median is reported (default 4)"
+    benchlib.add_common_args(
+        t,
+        dtype_help="compute dtype of the matmuls; params and AdamW state stay float32 (default float32)",
+        threads_help="PyTorch threads (default: all cores, as JAX uses)",
+        profile_help=f"after timing, trace {PROFILED_STEPS} more steps with jax.profiler into DIR (open it "
+        "in Perfetto or TensorBoard) and print where the time goes, by kernel or op (on a CPU, XLA "
+        "records its ops only under XLA_FLAGS=--xla_cpu_enable_xprof_traceme=true)",
+    )
+    benchlib.add_int_flags(
+        t,
+        [
+            ("--context-length", 256, "tokens per row (default 256, the book's)"),
+            ("--batch-size", 8, "rows per step (default 8)"),
+            ("--steps", 4, "timed steps after warm-up; the median is reported (default 4)"),
+            ("--ref-steps", 3, "timed steps of each reference (default 3)"),
+            (
+                "--scan-unroll",
+                1,
+                "layers per iteration of the scanned block stack (GPTConfig.scan_unroll; default 1)",
+            ),
+            (
+                "--vocab-pad-multiple",
+                1,
+                "pad the embedding and head to a multiple of this many rows (GPTConfig.vocab_pad_multiple; "
+                "64 gives 50304; default 1, no padding). Model FLOPs count only the real vocabulary",
+            ),
+        ],
     )
     t.add_argument(
         "--warmup",
@@ -669,12 +519,6 @@ def build_parser() -> argparse.ArgumentParser:
         default=3,
         help="untimed steps after compiling (default 3: under the launcher's allocator settings the "
         "heap still grows once or twice in the first steps, and first-touching new memory is slow)",
-    )
-    t.add_argument(
-        "--dtype",
-        default="float32",
-        choices=["float32", "bfloat16"],
-        help="compute dtype of the matmuls; params and AdamW state stay float32 (default float32)",
     )
     t.add_argument(
         "--activation-dtype",
@@ -688,19 +532,6 @@ def build_parser() -> argparse.ArgumentParser:
         default="none",
         choices=["none", "full", "dots"],
         help="rematerialise each block in the backward pass (default none)",
-    )
-    t.add_argument(
-        "--scan-unroll",
-        type=int,
-        default=1,
-        help="layers per iteration of the scanned block stack (GPTConfig.scan_unroll; default 1)",
-    )
-    t.add_argument(
-        "--vocab-pad-multiple",
-        type=int,
-        default=1,
-        help="pad the embedding and head to a multiple of this many rows (GPTConfig.vocab_pad_multiple; "
-        "64 gives 50304; default 1, no padding). Model FLOPs count only the real vocabulary",
     )
     t.add_argument("--drop-rate", type=float, default=0.1, help="dropout rate (default 0.1, the book's)")
     t.add_argument(
@@ -718,19 +549,6 @@ def build_parser() -> argparse.ArgumentParser:
         default="hf,book",
         help="comma list of PyTorch references to run: hf, book, or 'none' (default hf,book)",
     )
-    t.add_argument("--ref-steps", type=int, default=3, help="timed steps of each reference (default 3)")
-    t.add_argument(
-        "--threads", type=int, default=None, help="PyTorch threads (default: all cores, as JAX uses)"
-    )
-    t.add_argument(
-        "--profile",
-        metavar="DIR",
-        default=None,
-        help=f"after timing, trace {PROFILED_STEPS} more steps with jax.profiler into DIR (open it in "
-        "Perfetto or TensorBoard) and print where the time goes, by kernel or op (on a CPU, XLA "
-        "records its ops only under XLA_FLAGS=--xla_cpu_enable_xprof_traceme=true)",
-    )
-    t.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     r = sub.add_parser(
         "report",
         help="print a saved `train --json` result as text",
@@ -748,26 +566,54 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_train_args(args) -> None:
+    """Exit 2 with one line naming the flag for any option the benchmark cannot run with."""
+    prog = "bench.py train"
+
+    def fail(message: str) -> NoReturn:
+        benchlib.bad_input(prog, message)
+
+    for name in ("batch_size", "context_length", "steps", "ref_steps", "scan_unroll", "vocab_pad_multiple"):
+        if getattr(args, name) < 1:
+            benchlib.bad_input(
+                prog, f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}"
+            )
+    if args.warmup < 0:
+        fail(f"--warmup must be 0 or more, got {args.warmup}")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        fail(f"--lr must be a positive finite number, got {args.lr}")
+    wanted = args.references.split(",")
+    if args.references != "none" and not set(wanted) <= {"hf", "book"}:
+        fail(f"--references must be 'none' or a comma list of hf, book; got {args.references!r}")
+    try:  # the model options, checked as the config checks them, in the flags' names
+        model_config(args)
+    except ValueError as err:
+        fail(benchlib.flag_names(str(err)).replace("preset", "--preset", 1))
+    benchlib.check_output_dir(prog, "--profile", args.profile)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["_torch_reference"]:  # internal: one reference loop in a child process
         spec = json.loads(argv[1])
         print(json.dumps(torch_reference(**spec)))
         return 0
-    if argv[:1] == ["report"]:  # no JAX, no relaunch: it only reads a file
-        return cmd_report(build_parser().parse_args(argv).file)
     if argv[:1] == ["scale"]:  # its own process: it sets XLA_FLAGS before JAX starts
         script = str(ROOT / "scripts" / "bench_scale.py")
         os.execv(sys.executable, [sys.executable, script, *argv[1:]])
-    relaunch_with_fast_allocator()  # no-op once applied, or with JAXGPT_NO_RELAUNCH=1
     if argv[:1] == ["generate"]:
-        return cmd_generate(argv[1:])
+        import bench_generate  # the decode benchmark lives beside this file
+
+        gen_args = bench_generate.parse_args(argv[1:])  # bad flags stop here, before the relaunch
+        relaunch_with_fast_allocator()  # no-op once applied, or with JAXGPT_NO_RELAUNCH=1
+        return bench_generate.run(gen_args)
     args = build_parser().parse_args(argv)
-    for name in ("batch_size", "context_length", "steps"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"bench.py train: --{name.replace('_', '-')} must be a positive integer")
+    if args.command == "report":  # no JAX, no relaunch: it only reads a file
+        return cmd_report(args.file)
+    check_train_args(args)
+    relaunch_with_fast_allocator()
     return cmd_train(args)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    benchlib.run_cli("bench.py", main)

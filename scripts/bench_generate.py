@@ -30,28 +30,20 @@ reaches.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(ROOT))
 
+import benchlib  # noqa: E402
+
 PROMPT = "Every effort moves you"  # the book's running example
-
-
-def _median_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def _weight_stream_gb_per_s(repeats: int = 10) -> float:
@@ -109,13 +101,11 @@ def bench_jaxgpt(
     first = run()
     first_s, first_cpu = time.perf_counter() - t0, time.process_time() - c0
     c0 = time.process_time()
-    run_s = _median_time(run, repeats)
+    run_s = benchlib.median_time(run, repeats)
     run_cpu = (time.process_time() - c0) / repeats
     profile = None
     if profile_dir is not None:  # one more call, traced; per decode step: one new token per row
-        from bench import profile_calls
-
-        profile = profile_calls(run, str(profile_dir), new_tokens)
+        profile = benchlib.profile_calls(run, str(profile_dir), new_tokens)
     return {
         "name": "jaxgpt",
         "batch_size": batch_size,
@@ -172,7 +162,7 @@ def bench_hf(
 
     run(4)  # warm-up
     c0 = time.process_time()
-    run_s = _median_time(lambda: run(new_tokens), repeats)
+    run_s = benchlib.median_time(lambda: run(new_tokens), repeats)
     run_cpu = (time.process_time() - c0) / repeats
     return {
         "name": "hf_generate",
@@ -184,62 +174,90 @@ def bench_hf(
     }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="bench_generate.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", default="gpt2-small", help="model preset (default gpt2-small)")
-    p.add_argument("--new-tokens", type=int, default=100, help="tokens generated per row (default 100)")
+def _print_row(name: str, r: dict, inside: str, after: str) -> None:
+    """One result line: tokens/s, then wall and CPU seconds per call (and ``inside``), then ``after``."""
+    print(
+        f"{name:<16} B={r['batch_size']:<3} {r['tokens_per_s']:8.1f} tok/s  "
+        f"({r['run_s']:.2f} s, {r['run_cpu_s']:.2f} CPU s per call{inside})  {after}",
+        flush=True,
+    )
+
+
+def build_parser() -> benchlib.OneLineParser:
+    p = benchlib.OneLineParser(prog="bench_generate.py", description=__doc__.split("\n\n")[0])
+    benchlib.add_common_args(
+        p,
+        dtype_help="jaxgpt's matmul dtype; bfloat16 reads half the weight bytes per token (default float32)",
+        threads_help="PyTorch threads (default: the cores JAX uses)",
+        profile_help="after timing, run one more call per batch size under jax.profiler (into DIR/B<batch>) "
+        "and print where a decode step's time goes (one new token per row), by kernel or op (on a "
+        "CPU, XLA records its ops only under XLA_FLAGS=--xla_cpu_enable_xprof_traceme=true)",
+    )
+    benchlib.add_int_flags(
+        p,
+        [
+            ("--new-tokens", 100, "tokens generated per row (default 100)"),
+            (
+                "--prompt-tokens",
+                None,
+                "a prompt of this many tokens (the book's prompt repeated) instead of its 4, to decode at a "
+                "long context; each call's time includes the prompt's pass (default: the book's prompt)",
+            ),
+            ("--repeats", 3, "timed calls per measurement; the median counts (default 3)"),
+            ("--top-k", None, "with --temperature: keep the k likeliest tokens"),
+        ],
+    )
     p.add_argument("--batch-sizes", default="1,8", help="comma list of batch sizes (default 1,8)")
-    p.add_argument(
-        "--prompt-tokens",
-        type=int,
-        default=None,
-        help="a prompt of this many tokens (the book's prompt repeated) instead of its 4, to decode "
-        "at a long context; each call's time includes the prompt's pass (default: the book's prompt)",
-    )
-    p.add_argument(
-        "--repeats", type=int, default=3, help="timed calls per measurement; the median counts (default 3)"
-    )
-    p.add_argument(
-        "--dtype",
-        default="float32",
-        choices=["float32", "bfloat16"],
-        help="jaxgpt's matmul dtype; bfloat16 reads half the weight bytes per token (default float32)",
-    )
     p.add_argument(
         "--temperature",
         type=float,
         default=0.0,
         help="0 decodes greedily (default); above 0 both sides sample with it (the book's 5.3: 1.4)",
     )
-    p.add_argument("--top-k", type=int, default=None, help="with --temperature: keep the k likeliest tokens")
     p.add_argument("--top-p", type=float, default=None, help="with --temperature: nucleus sampling")
     p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face reference")
-    p.add_argument("--threads", type=int, default=None, help="PyTorch threads (default: the cores JAX uses)")
-    p.add_argument(
-        "--profile",
-        metavar="DIR",
-        default=None,
-        help="after timing, run one more call per batch size under jax.profiler (into DIR/B<batch>) "
-        "and print where a decode step's time goes (one new token per row), by kernel or op (on a "
-        "CPU, XLA records its ops only under XLA_FLAGS=--xla_cpu_enable_xprof_traceme=true)",
-    )
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None):
+    """The parsed flags, or exit 2 with one line naming the flag that is wrong."""
+    import math
+
     args = build_parser().parse_args(argv)
-    batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
-    if args.new_tokens < 1 or args.repeats < 1 or not batch_sizes or min(batch_sizes) < 1:
-        raise SystemExit("bench_generate.py: --new-tokens, --repeats and every batch size must be positive")
-    if args.temperature < 0 or (args.temperature == 0 and (args.top_k, args.top_p) != (None, None)):
-        raise SystemExit("bench_generate.py: --top-k and --top-p need --temperature > 0 (0 is greedy)")
-    if (args.top_k is not None and args.top_k < 1) or (args.top_p is not None and not 0 < args.top_p <= 1):
-        raise SystemExit(
-            f"bench_generate.py: need --top-k >= 1 and 0 < --top-p <= 1, got {args.top_k} and {args.top_p}"
+    prog = "bench_generate.py"
+
+    def fail(message: str) -> NoReturn:
+        benchlib.bad_input(prog, message)
+
+    try:
+        args.batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
+    except ValueError:
+        fail(f"--batch-sizes must be a comma list of positive integers, got {args.batch_sizes!r}")
+    if not args.batch_sizes or min(args.batch_sizes) < 1:
+        fail("--batch-sizes must be a comma list of positive integers")
+    if not math.isfinite(args.temperature) or args.temperature < 0:
+        fail(f"--temperature must be 0 (greedy) or a positive number, got {args.temperature}")
+    if args.temperature == 0 and (args.top_k, args.top_p) != (None, None):
+        fail("--top-k and --top-p need --temperature > 0 (0 is greedy)")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        fail(f"--top-p must be in (0, 1], got {args.top_p}")
+    from jaxgpt.config import PRESETS
+
+    if args.preset not in PRESETS:
+        fail(f"--preset {args.preset!r} is not one of {sorted(PRESETS)}")
+    context = PRESETS[args.preset].context_length
+    if args.prompt_tokens is not None and args.prompt_tokens + args.new_tokens > context:
+        fail(
+            f"--prompt-tokens {args.prompt_tokens} + --new-tokens {args.new_tokens} "
+            f"exceed {args.preset}'s context_length {context}",
         )
-    if args.prompt_tokens is not None and args.prompt_tokens < 1:
-        raise SystemExit(f"bench_generate.py: --prompt-tokens must be positive, got {args.prompt_tokens}")
+    benchlib.check_output_dir(prog, "--profile", args.profile)
+    return args
+
+
+def run(args) -> int:
+    """The benchmark for flags from :func:`parse_args`."""
+    batch_sizes = args.batch_sizes
     sampling = None
     if args.temperature > 0:
         sampling = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
@@ -255,11 +273,6 @@ def main(argv: list[str] | None = None) -> int:
     cfg = get_config(args.preset, qkv_bias=True, drop_rate=0.0, dtype=args.dtype)
     prompt_ids = get_tokenizer().encode(PROMPT)
     if args.prompt_tokens is not None:
-        if args.prompt_tokens + args.new_tokens > cfg.context_length:
-            raise SystemExit(
-                f"bench_generate.py: --prompt-tokens {args.prompt_tokens} + --new-tokens {args.new_tokens} "
-                f"exceed {args.preset}'s context_length {cfg.context_length}"
-            )
         prompt_ids = (prompt_ids * args.prompt_tokens)[: args.prompt_tokens]
     params = init_params(cfg, jax.random.key(0))
     threads = args.threads or os.cpu_count() or 1
@@ -297,17 +310,11 @@ def main(argv: list[str] | None = None) -> int:
             r["fraction_of_bound"] = round(r["tokens_per_s"] / result["bound_tokens_per_s_b1"], 3)
         result["jaxgpt"].append(r)
         if not args.json:
-            print(
-                f"jaxgpt           B={b:<3} {r['tokens_per_s']:8.1f} tok/s  "
-                f"({r['run_s']:.2f} s, {r['run_cpu_s']:.2f} CPU s per call)  "
-                f"compile {r['compile_s']:.1f} s ({r['compile_cpu_s']:.1f} CPU s)"
-                + (f"  {r['fraction_of_bound']:.0%} of the bound" if "fraction_of_bound" in r else ""),
-                flush=True,
-            )
+            bound = f"  {r['fraction_of_bound']:.0%} of the bound" if "fraction_of_bound" in r else ""
+            after = f"compile {r['compile_s']:.1f} s ({r['compile_cpu_s']:.1f} CPU s){bound}"
+            _print_row("jaxgpt", r, "", after)
             if "profile" in r:
-                from bench import print_profile
-
-                print_profile(r["profile"], per="decode step", top=12)
+                benchlib.print_profile(r["profile"], per="decode step", top=12)
     if not args.no_hf:
         try:
             import torch  # noqa: F401
@@ -321,12 +328,8 @@ def main(argv: list[str] | None = None) -> int:
                 r["cpu_ratio"] = round(r["run_cpu_s"] / mine["run_cpu_s"], 2)
                 result["hf"].append(r)
                 if not args.json:
-                    print(
-                        f"hf generate      B={b:<3} {r['tokens_per_s']:8.1f} tok/s  "
-                        f"({r['run_s']:.2f} s, {r['run_cpu_s']:.2f} CPU s per call, {threads} threads)  "
-                        f"jaxgpt/hf tok/s {r['ratio']:.2f}x, hf/jaxgpt CPU s {r['cpu_ratio']:.2f}x",
-                        flush=True,
-                    )
+                    after = f"jaxgpt/hf tok/s {r['ratio']:.2f}x, hf/jaxgpt CPU s {r['cpu_ratio']:.2f}x"
+                    _print_row("hf generate", r, f", {threads} threads", after)
     result["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     if args.json:
         for r in result["jaxgpt"]:
@@ -342,5 +345,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def main(argv: list[str] | None = None) -> int:
+    return run(parse_args(argv))
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    benchlib.run_cli("bench_generate.py", main)

@@ -30,10 +30,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchlib import OneLineParser, positive_int  # noqa: E402
+
+
+def _positive_gb(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (value > 0 and value < float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a positive number of GB, got {text!r}")
+    return value
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    parser = OneLineParser(
+        prog="bench_scale.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="command", required=True)
     m = sub.add_parser("mesh", help="sharded train steps: tokens/s per device and communication share")
@@ -42,22 +54,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     m.add_argument("--meshes", default="data=-1;fsdp=-1;data=2,fsdp=-1", help="';'-separated mesh specs")
     m.add_argument("--preset", default="quickstart")
-    m.add_argument("--emb-dim", type=int, default=None)
-    m.add_argument("--n-layers", type=int, default=None)
-    m.add_argument("--context-length", type=int, default=None)
-    m.add_argument("--batch-size", type=int, default=16, help="global batch (windows per step)")
-    m.add_argument("--steps", type=int, default=5, help="timed steps per variant (after one warm-up step)")
+    m.add_argument("--emb-dim", type=positive_int, default=None)
+    m.add_argument("--n-layers", type=positive_int, default=None)
+    m.add_argument("--context-length", type=positive_int, default=None)
+    m.add_argument("--batch-size", type=positive_int, default=16, help="global batch (windows per step)")
+    m.add_argument(
+        "--steps", type=positive_int, default=5, help="timed steps per variant (after one warm-up step)"
+    )
     m.add_argument("--dtype", default="float32")
     s = sub.add_parser("stream", help="train while streaming a generated corpus; report RSS")
     s.add_argument(
-        "--gb", type=float, default=1.0, help="size of the generated corpus in GB of uint16 tokens"
+        "--gb", type=_positive_gb, default=1.0, help="size of the generated corpus in GB of uint16 tokens"
     )
     s.add_argument("--dir", default="/tmp/jaxgpt_bench_stream", help="where the shards are written (reused)")
-    s.add_argument("--steps", type=int, default=300)
-    s.add_argument("--report", type=int, default=100, help="print RSS every this many steps")
-    s.add_argument("--batch-size", type=int, default=8)
-    s.add_argument("--context-length", type=int, default=128)
-    return parser.parse_args(argv)
+    s.add_argument("--steps", type=positive_int, default=300)
+    s.add_argument("--report", type=positive_int, default=100, help="print RSS every this many steps")
+    s.add_argument("--batch-size", type=positive_int, default=8)
+    s.add_argument("--context-length", type=positive_int, default=128)
+    args = parser.parse_args(argv)
+    if getattr(args, "cpu_devices", 0) < 0:
+        parser.error(f"argument --cpu-devices: must be 0 or more, got {args.cpu_devices}")
+    return args
 
 
 def _config(args: argparse.Namespace):
@@ -159,16 +176,18 @@ def _peak_rss_mb() -> float:
 def bench_stream(args: argparse.Namespace) -> None:
     import numpy as np
 
-    from jaxgpt.shards import ShardLoader, ShardWindows, is_shard_dir, open_shards, write_token_shards
+    from jaxgpt.shards import ShardError, ShardLoader, ShardWindows, open_shards, write_token_shards
     from jaxgpt.tokenizer import N_VOCAB
 
     print(f"RSS at start: {_rss_mb():.0f} MB")
     n_tokens = int(args.gb * 1e9) // 2
     per_shard = 16 * 2**20  # 32 MiB shards
     directory = Path(args.dir)
-    if not (
-        is_shard_dir(directory) and open_shards(directory, verify=False).manifest["total_tokens"] == n_tokens
-    ):
+    try:  # the corpus of an earlier run, when it has the size asked for
+        reuse = open_shards(directory, verify=False).manifest["total_tokens"] == n_tokens
+    except ShardError:
+        reuse = False
+    if not reuse:
         if directory.exists():
             import shutil
 

@@ -39,7 +39,7 @@ from jaxgpt.train import TrainConfig, create_train_state, jit_train_step, train_
 CFG = GPTConfig(vocab_size=96, context_length=16, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.1)
 TCFG = TrainConfig(batch_size=16, learning_rate=1e-2, grad_clip=1.0, seed=7)
 STEPS = 2
-MESHES = ["data=8", "fsdp=8", "data=2,fsdp=4"]  # also passes with "data=2,fsdp=2,tensor=2"
+MESHES = ["data=8", "fsdp=8", "data=2,fsdp=4", "data=2,fsdp=2,tensor=2"]
 
 
 def global_batches() -> list[tuple[np.ndarray, np.ndarray]]:

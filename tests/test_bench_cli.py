@@ -1,6 +1,6 @@
-"""scripts/bench.py: a real (tiny) train benchmark and its report, and the trace summary."""
+"""scripts/bench.py: a real (tiny) train benchmark and its report, the trace summary, and every kind of
+bad input answered with exit code 2 and one line naming the flag or file."""
 
-import gzip
 import json
 import os
 import subprocess
@@ -11,6 +11,7 @@ import pytest
 from scripts_loader import load_script
 
 bench = load_script("bench")
+benchlib = load_script("benchlib")
 SCRIPT = Path(bench.__file__)
 
 
@@ -90,7 +91,7 @@ def test_generate_samples_with_the_books_settings_and_rejects_sampling_options_w
     assert r["jaxgpt"][0]["tokens_per_s"] > 0
 
     greedy = _bench("generate", "--preset", "quickstart", "--top-k", "25", "--no-hf")
-    assert greedy.returncode != 0 and "--temperature > 0" in greedy.stderr
+    assert greedy.returncode == 2 and "--temperature > 0" in greedy.stderr
 
 
 def test_generate_after_a_long_prompt_and_not_past_the_context():
@@ -103,7 +104,7 @@ def test_generate_after_a_long_prompt_and_not_past_the_context():
     assert r["prompt_tokens"] == 50 and r["jaxgpt"][0]["tokens_per_s"] > 0
 
     too_long = _bench("generate", "--preset", "quickstart", "--prompt-tokens", "126", "--new-tokens", "3")
-    assert too_long.returncode != 0 and "exceed quickstart's context_length 128" in too_long.stderr
+    assert too_long.returncode == 2 and "exceed quickstart's context_length 128" in too_long.stderr
 
 
 def test_report_names_a_file_without_a_result(tmp_path):
@@ -111,24 +112,34 @@ def test_report_names_a_file_without_a_result(tmp_path):
     bad.write_text('{"loss": 1.0}\n')
     for path in (bad, tmp_path / "missing.json"):
         run = _bench("report", str(path))
-        assert run.returncode != 0
-        assert f"{path} holds no `bench.py train --json` result" in run.stderr
+        assert run.returncode == 2
+        assert run.stderr == f"bench.py report: error: {path} holds no `bench.py train --json` result\n"
 
 
-def _write_trace(directory, events):
+def _write_trace(directory, planes):
+    """An XSpace trace file of ``{plane: {line: [(name, start_us, duration_us), ...]}}``, as
+    ``jax.profiler.trace`` writes one, built from its text form by JAX's own profiler module."""
+    from jax.profiler import ProfileData
+
+    names: dict[str, int] = {}
+    text = []
+    for pid, (plane, lines) in enumerate(planes.items(), 1):
+        text.append(f'planes {{ id: {pid} name: "{plane}"')
+        for tid, (line, events) in enumerate(lines.items(), 1):
+            text.append(f'  lines {{ id: {tid} name: "{line}" timestamp_ns: 0')
+            for name, start, dur in events:
+                mid = names.setdefault(name, len(names) + 1)
+                ps = f"offset_ps: {int(start * 1e6)} duration_ps: {int(dur * 1e6)}"  # microseconds in
+                text.append(f"    events {{ metadata_id: {mid} {ps} }}")
+            text.append("  }")
+        text += [f'  event_metadata {{ key: {i} value {{ id: {i} name: "{n}" }} }}' for n, i in names.items()]
+        text.append("}")
     folder = directory / "plugins" / "profile" / "run"
     folder.mkdir(parents=True)
-    with gzip.open(folder / "perfetto_trace.json.gz", "wt") as f:
-        json.dump({"traceEvents": events}, f)
+    (folder / "host.xplane.pb").write_bytes(ProfileData.text_proto_to_serialized_xspace("\n".join(text)))
 
 
 def test_summarize_trace_sums_device_kernels_per_step_by_kind(tmp_path):
-    meta = [
-        {"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/host:CPU"}},
-        {"ph": "M", "pid": 2, "name": "process_name", "args": {"name": "/device:GPU:0"}},
-        {"ph": "M", "pid": 2, "tid": 7, "name": "thread_name", "args": {"name": "Stream #7(Compute)"}},
-        {"ph": "M", "pid": 2, "tid": 9, "name": "thread_name", "args": {"name": "XLA Modules"}},
-    ]
     kernels = [  # two steps; durations in microseconds
         ("sm90_xmma_gemm_bf16bf16_bf16f32", 600.0),
         ("cudnn_generated_fort_native_sdpa_sm90_knob_7", 250.0),
@@ -139,41 +150,40 @@ def test_summarize_trace_sums_device_kernels_per_step_by_kind(tmp_path):
         ("input_reduce_fusion", 100.0),
     ]
     starts = [sum(d for _, d in kernels[:i]) for i in range(len(kernels))]  # one after the other
-    events = meta + [
-        {"ph": "X", "pid": 2, "tid": 7, "ts": t, "dur": d, "name": n}
-        for t, (n, d) in zip(starts, kernels, strict=True)
-    ]
-    events += [
-        {"ph": "X", "pid": 2, "tid": 9, "ts": 0, "dur": 2500.0, "name": "jit_train_step"},  # not a kernel
-        {"ph": "X", "pid": 1, "tid": 3, "ts": 0, "dur": 9e6, "name": "PjitFunction(train_step)"},  # host
-    ]
-    _write_trace(tmp_path, events)
+    _write_trace(
+        tmp_path,
+        {
+            "/host:CPU": {"python": [("PjitFunction(train_step)", 0, 9e6)]},  # host time is no kernel
+            "/device:GPU:0": {
+                "Stream #7(Compute)": [(n, t, d) for t, (n, d) in zip(starts, kernels, strict=True)],
+                "XLA Modules": [("jit_train_step", 0, 2500.0)],  # the module's own line is no kernel
+            },
+        },
+    )
 
-    s = bench.summarize_trace(str(tmp_path), n_steps=2)
+    s = benchlib.summarize_trace(str(tmp_path), n_steps=2)
 
-    assert s["kernel_ms_per_step"] == 1.0  # 2000 us of kernels over 2 steps
-    assert s["by_kind_ms_per_step"] == {"matmul": 0.6, "attention": 0.25, "other": 0.15}
-    assert s["threads_ms_per_step"] == {"Stream #7(Compute)": 1.0}  # the module's own line is no kernel
+    assert s["kernel_ms_per_step"] == pytest.approx(1.0)  # 2000 us of kernels over 2 steps
+    assert s["by_kind_ms_per_step"] == pytest.approx({"matmul": 0.6, "attention": 0.25, "other": 0.15})
     top = s["top_kernels"][0]
-    assert (top["kind"], top["ms_per_step"], top["share"]) == ("matmul", 0.6, 0.6)
-    assert sum(k["share"] for k in s["top_kernels"]) == 1.0
+    assert (top["kind"], top["ms_per_step"], top["share"]) == (
+        "matmul",
+        pytest.approx(0.6),
+        pytest.approx(0.6),
+    )
+    assert sum(k["share"] for k in s["top_kernels"]) == pytest.approx(1.0)
+    assert "no_op_ms_per_step" not in s  # an accelerator's kernels are all traced
 
 
 def test_summarize_trace_says_when_there_is_nothing_to_summarize(tmp_path):
-    assert "no perfetto_trace" in bench.summarize_trace(str(tmp_path), n_steps=1)["error"]
-    host_only = [{"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/host:CPU"}}]
-    _write_trace(tmp_path, host_only + [{"ph": "X", "pid": 1, "tid": 1, "ts": 0, "dur": 5.0, "name": "f"}])
-    assert "no device kernels or XLA CPU ops" in bench.summarize_trace(str(tmp_path), n_steps=1)["error"]
+    assert "no .xplane.pb trace" in benchlib.summarize_trace(str(tmp_path), n_steps=1)["error"]
+    _write_trace(tmp_path, {"/host:CPU": {"python": [("f", 0, 5.0)]}})
+    assert "no device kernels or XLA CPU ops" in benchlib.summarize_trace(str(tmp_path), n_steps=1)["error"]
 
 
 def test_summarize_trace_counts_cpu_ops_without_the_ops_nested_in_them(tmp_path):
     # XLA's CPU runtime (with --xla_cpu_enable_xprof_traceme): ops on its pool threads, a loop's
     # body nested in the loop, everything inside the executor's own wrapper event.
-    meta = [
-        {"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/host:CPU"}},
-        {"ph": "M", "pid": 1, "tid": 5, "name": "thread_name", "args": {"name": "tf_XLAEigen/123"}},
-        {"ph": "M", "pid": 1, "tid": 6, "name": "thread_name", "args": {"name": "python"}},
-    ]
     spans = [  # (name, start, duration) in microseconds, one step
         ("ThunkExecutor::Execute", 0, 1000),
         ("ynn_fusion.3", 0, 400),
@@ -182,43 +192,116 @@ def test_summarize_trace_counts_cpu_ops_without_the_ops_nested_in_them(tmp_path)
         ("ynn_fusion.4", 600, 250),
         ("multiply_add_fusion", 900, 100),
     ]
-    events = meta + [{"ph": "X", "pid": 1, "tid": 5, "ts": t, "dur": d, "name": n} for n, t, d in spans]
-    events.append({"ph": "X", "pid": 1, "tid": 6, "ts": 0, "dur": 1000, "name": "$bench.py run"})
-    _write_trace(tmp_path, events)
+    _write_trace(tmp_path, {"/host:CPU": {"tf_XLAEigen/123": spans, "python": [("$bench.py run", 0, 1000)]}})
 
-    s = bench.summarize_trace(str(tmp_path), n_steps=1)
+    s = benchlib.summarize_trace(str(tmp_path), n_steps=1)
 
-    assert s["kernel_ms_per_step"] == 1.0  # the wrapper's own time (none here) and python's are out
+    assert s["kernel_ms_per_step"] == pytest.approx(
+        1.0
+    )  # the wrapper's own time (none here) and python's are out
     assert s["by_kind_ms_per_step"] == pytest.approx({"matmul": 0.65, "other": 0.35})
     by_name = {k["name"]: k["ms_per_step"] for k in s["top_kernels"]}
     assert by_name["while.7"] == pytest.approx(0.15)  # 500 us minus the 350 us of ops inside the loop
-    assert by_name["dynamic-slice_fusion"] == by_name["multiply_add_fusion"] == pytest.approx(0.1)
-    assert s["no_op_ms_per_step"] == 0.0  # one op or another ran all the time
+    assert by_name["dynamic-slice_fusion"] == pytest.approx(0.1)
+    assert by_name["multiply_add_fusion"] == pytest.approx(0.1)
+    assert s["no_op_ms_per_step"] == pytest.approx(0.0)  # one op or another ran all the time
 
 
 def test_summarize_trace_reports_cpu_time_with_no_op_on_any_thread(tmp_path):
     # Two pool threads. An Eigen matmul (dot.5) records only its launch; its work then runs as
     # untraced thread-pool tasks, which leave only instant bookkeeping markers behind.
-    meta = [
-        {"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/host:CPU"}},
-        {"ph": "M", "pid": 1, "tid": 5, "name": "thread_name", "args": {"name": "tf_XLAEigen/1"}},
-        {"ph": "M", "pid": 1, "tid": 6, "name": "thread_name", "args": {"name": "tf_XLAEigen/2"}},
+    first = [
+        ("ynn_fusion.1", 0, 300),
+        ("dot.5", 500, 10),
+        ("end: dot.5", 510, 0),
+        ("ThunkExecutor::Execute", 600, 500),  # a wrapper is no op either
+        ("ynn_fusion.1", 2000, 300),  # the next step, 700 us after add_fusion
     ]
-    spans = [  # (thread, name, start, duration) in microseconds, two steps
-        (5, "ynn_fusion.1", 0, 300),
-        (6, "copy_fusion", 200, 300),  # overlaps the matmul on the other thread
-        (5, "dot.5", 500, 10),
-        (5, "end: dot.5", 510, 0),
-        (6, "ThreadpoolListener::StartRegion", 700, 0),
-        (5, "ThunkExecutor::Execute", 600, 500),  # a wrapper is no op either
-        (6, "add_fusion", 1200, 100),  # 690 us after dot.5 returned
-        (5, "ynn_fusion.1", 2000, 300),  # the next step, 700 us later
+    second = [
+        ("copy_fusion", 200, 300),  # overlaps the matmul on the other thread
+        ("ThreadpoolListener::StartRegion", 700, 0),
+        ("add_fusion", 1200, 100),  # 690 us after dot.5 returned
     ]
-    events = meta + [{"ph": "X", "pid": 1, "tid": t, "ts": s, "dur": d, "name": n} for t, n, s, d in spans]
-    _write_trace(tmp_path, events)
+    _write_trace(tmp_path, {"/host:CPU": {"tf_XLAEigen/1": first, "tf_XLAEigen/2": second}})
 
-    s = bench.summarize_trace(str(tmp_path), n_steps=2)
+    s = benchlib.summarize_trace(str(tmp_path), n_steps=2)
 
     assert s["no_op_ms_per_step"] == pytest.approx((690 + 700) / 2 / 1000)
     assert s["kernel_ms_per_step"] == pytest.approx((300 + 300 + 10 + 100 + 300) / 2 / 1000)
     assert {k["name"] for k in s["top_kernels"]} == {"ynn_fusion.1", "copy_fusion", "dot.5", "add_fusion"}
+
+
+# ---- bad input: exit 2, one line naming the flag or file, no traceback, nothing written ----
+
+BAD_INPUTS = [  # (arguments, what the one line must say); {tmp} is a fresh directory
+    (["train", "--steps", "0"], "--steps: must be a positive integer"),
+    (["train", "--batch-size", "x"], "--batch-size: must be a positive integer"),
+    (["train", "--context-length", "-3"], "--context-length: must be a positive integer"),
+    (["train", "--warmup", "-1"], "--warmup must be 0 or more"),
+    (["train", "--lr", "inf"], "--lr must be a positive finite number"),
+    (["train", "--lr", "nan"], "--lr must be a positive finite number"),
+    (["train", "--dtype", "float16"], "--dtype: invalid choice"),
+    (["train", "--threads", "0"], "--threads: must be a positive integer"),
+    (["train", "--references", "hf,tf"], "--references must be 'none' or a comma list of hf, book"),
+    (["train", "--preset", "gpt5"], "unknown --preset 'gpt5'"),
+    (["train", "--drop-rate", "1.5"], "--drop-rate must be in [0, 1)"),
+    (["train", "--activation-dtype", "bfloat16"], "--activation-dtype"),
+    (["train", "--profile", "{tmp}/file.txt"], "--profile {tmp}/file.txt is a file, not a directory"),
+    (["train", "--profile", "{tmp}/file.txt/sub"], "is not a directory"),
+    (["train", "--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+    ([], "the following arguments are required: command"),
+    (["report", "{tmp}/missing.json"], "{tmp}/missing.json holds no `bench.py train --json` result"),
+    (["report", "{tmp}/file.txt"], "{tmp}/file.txt holds no `bench.py train --json` result"),
+    (["generate", "--batch-sizes", "1,x"], "--batch-sizes must be a comma list of positive integers"),
+    (["generate", "--batch-sizes", "0"], "--batch-sizes must be a comma list of positive integers"),
+    (["generate", "--new-tokens", "0"], "--new-tokens: must be a positive integer"),
+    (["generate", "--repeats", "-1"], "--repeats: must be a positive integer"),
+    (["generate", "--temperature", "-1"], "--temperature must be 0 (greedy) or a positive number"),
+    (["generate", "--temperature", "1", "--top-k", "0"], "--top-k: must be a positive integer"),
+    (["generate", "--temperature", "1", "--top-p", "1.5"], "--top-p must be in (0, 1]"),
+    (["generate", "--preset", "gpt5"], "--preset 'gpt5' is not one of"),
+    (["generate", "--profile", "{tmp}/file.txt"], "--profile {tmp}/file.txt is a file, not a directory"),
+]
+
+
+@pytest.mark.parametrize("argv, message", BAD_INPUTS, ids=[" ".join(a) or "nothing" for a, _ in BAD_INPUTS])
+def test_bad_input_exits_2_with_one_line_naming_it(tmp_path, capsys, argv, message):
+    (tmp_path / "file.txt").write_text("not a result\n")
+    before = sorted(tmp_path.rglob("*"))
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+
+    with pytest.raises(SystemExit) as stopped:
+        bench.main(argv)
+
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2, err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert message.replace("{tmp}", str(tmp_path)) in err
+    assert sorted(tmp_path.rglob("*")) == before  # nothing written
+
+
+def test_bad_input_from_the_command_line_exits_2_before_any_work(tmp_path):
+    run = _bench("train", "--steps", "0", "--profile", str(tmp_path / "trace"))
+    assert (run.returncode, run.stdout) == (2, "")
+    assert run.stderr == "bench.py train: error: argument --steps: must be a positive integer, got '0'\n"
+    assert not (tmp_path / "trace").exists()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["scale", "mesh", "--steps", "0"], "argument --steps: must be a positive integer"),
+        (["scale", "mesh", "--cpu-devices", "-2"], "argument --cpu-devices: must be 0 or more"),
+        (["scale", "stream", "--gb", "nan"], "argument --gb: must be a positive number of GB"),
+    ],
+)
+def test_bad_scale_input_exits_2_with_one_line(argv, message):
+    run = _bench(*argv)  # bench.py hands `scale` to scripts/bench_scale.py in the same process
+    assert (run.returncode, run.stdout) == (2, "")
+    assert run.stderr.count("\n") == 1 and message in run.stderr, run.stderr
+
+
+def test_help_documents_the_exit_codes():
+    for argv in (["--help"], ["train", "--help"]):
+        run = _bench(*argv)
+        assert run.returncode == 0 and "Exit codes: 0 done, 2 bad input" in run.stdout

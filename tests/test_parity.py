@@ -118,16 +118,36 @@ def test_greedy_ids_match_reference(model, ref, case):
     assert mismatch.size == 0, f"first mismatch at (row, pos) {tuple(mismatch[0])}:\n{ids}\nvs\n{expected}"
 
 
+def _parity_bound(name: str, expected: np.ndarray) -> float:
+    """The largest |difference| the parity tests above accept for the reference tensor ``name``."""
+    if np.issubdtype(expected.dtype, np.integer):
+        return 0.0  # token ids: exact
+    if name.startswith("grad/"):
+        return GRAD_RTOL * max(1.0, float(np.abs(expected).max()))
+    return {"logits": LOGITS_ATOL, "loss": LOSS_ATOL}[name]
+
+
 def test_reference_regenerates_identically(tmp_path, ref):
-    """Rebuilding the reference in process gives the committed fixture, so it cannot drift."""
+    """Rebuilding the reference in process gives the committed fixture, so it cannot drift.
+
+    The weights are drawn by NumPy and must match bit for bit. The outputs come from this
+    machine's PyTorch float kernels, which sum in another order on another CPU: they must agree
+    with the fixture as closely as jaxgpt must agree with it, not to the last bit.
+    """
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
     make_reference = load_script("make_reference")
 
     fresh = make_reference.build_reference(tmp_path)
     assert sorted(fresh) == sorted(ref)
+    failures = []
     for name, expected in ref.items():
-        np.testing.assert_allclose(fresh[name], expected, rtol=1e-6, atol=1e-7, err_msg=name)
+        assert fresh[name].shape == expected.shape, f"{name}: shape {fresh[name].shape} vs {expected.shape}"
+        diff = float(np.abs(fresh[name].astype(np.float64) - expected.astype(np.float64)).max(initial=0.0))
+        bound = _parity_bound(name, expected)
+        if not diff <= bound:
+            failures.append(f"{name}: max |diff| {diff:.3g} > {bound:.3g}")
+    assert not failures, "the regenerated reference differs from the fixture:\n" + "\n".join(failures)
 
     committed = load_file(MODEL_DIR / "model.safetensors")
     rebuilt = load_file(tmp_path / "hf_tiny" / "model.safetensors")

@@ -9,15 +9,12 @@ from scripts_loader import load_script
 from jaxgpt.data import default_corpus
 from jaxgpt.shards import prepare_shards
 
-ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = ROOT / "scripts" / "train.py"
-
-
 cli = load_script("train")
-
-TINY = ["--context-length", "16", "--set", "emb_dim=16", "--set", "n_heads=2", "--set", "n_layers=1",
-        "--batch-size", "4", "--eval-freq", "3", "--eval-iter", "2", "--max-steps", "4", "--save-every", "2",
-        "--sample-tokens", "0"]  # fmt: skip
+# A tiny model (16 wide, 1 layer) for 4 steps, saving every 2
+TINY = (
+    "--context-length 16 --set emb_dim=16 --set n_heads=2 --set n_layers=1 --batch-size 4 "
+    "--eval-freq 3 --eval-iter 2 --max-steps 4 --save-every 2 --sample-tokens 0"
+).split()
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +58,19 @@ def test_corrupt_prepared_directory_stops_before_training(shard_dir, tmp_path, c
     shard.write_bytes(shard.read_bytes()[:-2])
     assert cli.main([*TINY, "--data", str(bad), "--out", str(tmp_path / "run")]) == 2
     assert "shard_000001.bin is truncated or corrupt" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_incomplete_prepared_directory_is_named_as_such(shard_dir, tmp_path, capsys):
+    # prepare.py stopped before writing its manifest: not "no .txt files", but what it is
+    import shutil
+
+    half = tmp_path / "half"
+    shutil.copytree(shard_dir, half)
+    (half / "manifest.json").unlink()
+    assert cli.main([*TINY, "--data", str(half), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert f"{half} is an incomplete prepared dataset" in err and "run scripts/prepare.py again" in err
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 

@@ -84,7 +84,7 @@ def meshes(runs) -> dict:
     return runs["meshes"]
 
 
-@pytest.mark.parametrize("spec", ["data=8", "fsdp=8", "data=2,fsdp=4"])
+@pytest.mark.parametrize("spec", ["data=8", "fsdp=8", "data=2,fsdp=4", "data=2,fsdp=2,tensor=2"])
 def test_mesh_training_matches_one_device(meshes, spec):
     assert meshes["n_devices"] == 8
     single, sharded = np.array(meshes["single"]), np.array(meshes["losses"][spec])
@@ -98,17 +98,35 @@ def test_mesh_training_matches_one_device(meshes, spec):
     assert meshes["param_diff"][spec] < bound, f"{spec}: params differ by {meshes['param_diff'][spec]:.2e}"
 
 
-def test_params_and_optimizer_state_are_really_sharded(meshes):
-    # emb_dim 32, n_layers 2, vocab 96, 4*emb_dim = 128: FSDP splits the emb_dim axis.
-    fsdp8 = meshes["shard_shapes"]["fsdp=8"]
-    assert fsdp8["tok_emb"] == [[96, 4]] * 8
-    assert fsdp8["W_query"] == [[2, 4, 32]] * 8
-    assert fsdp8["ff_in"] == [[2, 4, 128]] * 8
-    assert fsdp8["ff_out"] == [[2, 128, 4]] * 8
-    assert fsdp8["mu_ff_in"] == [[2, 4, 128]] * 8  # AdamW's first moment follows its param
-    assert fsdp8["norm1_scale"] == [[2, 32]] * 8  # LayerNorm vectors stay whole
-    assert meshes["shard_shapes"]["data=2,fsdp=4"]["ff_in"] == [[2, 8, 128]] * 8
-    assert meshes["shard_shapes"]["data=8"]["ff_in"] == [[2, 32, 128]] * 8  # pure DP: replicated
+# Each device's shard of a few leaves (emb_dim 32, 4 heads, n_layers 2, vocab 96, MLP 128): fsdp
+# splits emb_dim, tensor splits vocabulary, heads' width and MLP width; LayerNorm vectors stay whole.
+SHARD_SHAPES = {
+    "fsdp=8": {
+        "tok_emb": [96, 4],
+        "W_query": [2, 4, 32],
+        "ff_in": [2, 4, 128],
+        "ff_out": [2, 128, 4],
+        "mu_ff_in": [2, 4, 128],  # AdamW's first moment follows its param
+        "norm1_scale": [2, 32],
+    },
+    "data=2,fsdp=4": {"ff_in": [2, 8, 128]},
+    "data=8": {"ff_in": [2, 32, 128]},  # pure data parallelism: replicated
+    "data=2,fsdp=2,tensor=2": {
+        "tok_emb": [48, 16],
+        "W_query": [2, 16, 16],
+        "ff_in": [2, 16, 64],
+        "ff_out": [2, 64, 16],
+        "mu_ff_in": [2, 16, 64],
+        "norm1_scale": [2, 32],
+    },
+}
+
+
+@pytest.mark.parametrize("spec", sorted(SHARD_SHAPES))
+def test_params_and_optimizer_state_are_really_sharded(meshes, spec):
+    got = meshes["shard_shapes"][spec]
+    for leaf, shape in SHARD_SHAPES[spec].items():
+        assert got[leaf] == [shape] * 8, f"{spec} {leaf}: shards {got[leaf]}, expected 8 x {shape}"
 
 
 def test_checkpoint_restores_onto_another_mesh_and_one_device(meshes):

@@ -1,0 +1,278 @@
+"""What the benchmark scripts share: one-line usage errors, timing helpers, common flags, and the
+summary of a ``jax.profiler`` trace.
+
+``scripts/bench.py`` and ``scripts/bench_generate.py`` both import this module; neither imports
+the other. JAX is imported lazily, so a bad flag is reported before anything heavy starts.
+
+The trace summary. ``jax.profiler.trace`` writes an XSpace file (``*.xplane.pb``) that
+TensorBoard's profile plugin (``xprof``) turns into op tables. That plugin is not a dependency
+here, so the bench reads the trace with ``jax.profiler.ProfileData`` and adds only what a table
+in the plugin would not say on its own: the time per *step* (the trace covers several), split
+into matmul / attention / other by kernel name, and on a CPU the time during which no op ran
+(XLA hands some matmuls to Eigen, whose work is not traced; see docs/speed.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import resource
+import statistics
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NoReturn
+
+# ------------------------------------------------------------------------------ usage errors
+
+
+EXIT_CODES = (
+    "Exit codes: 0 done, 2 bad input (one line naming the flag or file), 1 a failure during the "
+    "benchmark, 130 interrupted (Ctrl-C)."
+)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are one line (``prog: error: ...``) and exit code 2, and
+    whose ``--help`` ends with the exit codes."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("epilog", EXIT_CODES)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1 (argparse names the flag in its error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def add_int_flags(p: argparse.ArgumentParser, flags: list[tuple[str, int | None, str]]) -> None:
+    """``(flag, default, help)`` rows of positive-integer flags."""
+    for flag, default, help_text in flags:
+        p.add_argument(flag, type=positive_int, default=default, help=help_text)
+
+
+def bad_input(prog: str, message: str) -> NoReturn:
+    """Stop with exit code 2 and one line naming the flag or file (``message``)."""
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def run_cli(prog: str, main: Callable[[], int]) -> NoReturn:
+    """Exit with ``main()``'s code, or 130 and one line on Ctrl-C."""
+    try:
+        code = main()
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        code = 130
+    raise SystemExit(code)
+
+
+def flag_names(message: str) -> str:
+    """``GPTConfig.drop_rate must ...`` -> ``--drop-rate must ...``: errors in the user's words."""
+    return re.sub(r"GPTConfig\.(\w+)", lambda m: "--" + m.group(1).replace("_", "-"), message)
+
+
+def check_output_dir(prog: str, flag: str, path: str | None) -> None:
+    """Exit 2 unless ``path`` is a directory that exists or could be made (nothing is created)."""
+    if path is None:
+        return
+    target = Path(path)
+    if target.exists() and not target.is_dir():
+        bad_input(prog, f"{flag} {path} is a file, not a directory")
+    parent = target
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        bad_input(prog, f"{flag} {path} cannot be created: {parent} is not a directory")
+    import os
+
+    if not os.access(parent, os.W_OK | os.X_OK):
+        bad_input(prog, f"{flag} {path} cannot be written: {parent} is not writable")
+
+
+def add_common_args(
+    p: argparse.ArgumentParser, *, dtype_help: str, threads_help: str, profile_help: str
+) -> None:
+    """The flags both benchmarks take: --preset, --dtype, --threads, --profile, --json."""
+    p.add_argument("--preset", default="gpt2-small", help="model preset (default gpt2-small)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help=dtype_help)
+    p.add_argument("--threads", type=positive_int, default=None, help=threads_help)
+    p.add_argument("--profile", metavar="DIR", default=None, help=profile_help)
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+
+
+# ------------------------------------------------------------------------------ timing
+
+
+def usage() -> tuple[float, float, int]:
+    """(user CPU s, system CPU s, minor page faults) of this process so far.
+
+    CPU seconds per step barely move when other processes share the cores, unlike wall time, so
+    the benches report them too; page faults show what the allocator costs.
+    """
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime, ru.ru_stime, ru.ru_minflt
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def median_time(fn: Callable[[], Any], repeats: int) -> float:
+    """Median wall time of ``repeats`` calls of ``fn``, in seconds."""
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+# ------------------------------------------------------------------------------ trace summary
+
+_KERNEL_KINDS = (  # by name: cuBLAS / CUTLASS / cuDNN kernels, XLA CPU's YNNPACK / oneDNN / Eigen dots
+    ("attention", ("sdpa", "fmha", "flash", "attention", "cudnn::fusion")),
+    (
+        "matmul",
+        ("gemm", "xmma", "cutlass", "nvjet", "gemv", "cublas", "wgmma", "ynn_fusion", "onednn", "dot"),
+    ),
+)
+# Events on XLA's CPU threads that are not ops: the executor's wrappers, an op's end marker and
+# the thread pool's bookkeeping.
+_CPU_NOT_OPS = ("ThunkExecutor::", "SlinkyThreadPool::", "end: ", "ThreadpoolListener::")
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    return next((kind for kind, keys in _KERNEL_KINDS if any(k in low for k in keys)), "other")
+
+
+def _self_times(events: list[tuple[float, float, str]]) -> dict[str, float]:
+    """Per name, the time of one thread's (start, duration, name) events outside those nested in them."""
+    out: dict[str, float] = defaultdict(float)
+    stack: list[tuple[float, float, str]] = []  # the enclosing events
+    for start, dur, name in sorted(events, key=lambda e: (e[0], -e[1])):
+        while stack and stack[-1][0] + stack[-1][1] <= start:
+            stack.pop()
+        if stack:
+            out[stack[-1][2]] -= dur  # the enclosing event's own time excludes this one
+        stack.append((start, dur, name))
+        out[name] += dur
+    return out
+
+
+def _no_op_time(events: list[tuple[float, float, str]]) -> float:
+    """Time within the span of ``events`` (any threads) during which none of them was running."""
+    intervals = sorted((start, start + dur) for start, dur, _ in events)
+    if not intervals:
+        return 0.0
+    idle, reach = 0.0, intervals[0][1]
+    for start, end in intervals[1:]:
+        idle += max(0.0, start - reach)
+        reach = max(reach, end)
+    return idle
+
+
+def summarize_trace(directory: str, n_steps: int, top: int = 25) -> dict:
+    """Where a step's time goes, from the newest ``*.xplane.pb`` under ``directory``.
+
+    On an accelerator: the kernels on the ``Stream`` lines of the ``/device:`` planes (kernels a
+    CUDA graph runs side by side each count in full). On a CPU: the ops on XLA's pool threads
+    (``tf_XLAEigen`` lines of ``/host:CPU``), each without the ops nested in it; XLA records them
+    only under ``XLA_FLAGS=--xla_cpu_enable_xprof_traceme=true``. Per step, in ms: the total, by
+    kind (matmul, attention, other: fused elementwise, reductions, copies) and the ``top`` ops by
+    name; on a CPU also ``no_op_ms_per_step``, the time between the first and last op during which
+    no op ran on any thread (not idle: Eigen's untraced matmul work runs then).
+    """
+    from jax.profiler import ProfileData
+
+    traces = sorted(Path(directory).rglob("*.xplane.pb"), key=lambda q: q.stat().st_mtime)
+    if not traces:
+        return {"error": f"no .xplane.pb trace under {directory}"}
+    profile = ProfileData.from_file(str(traces[-1]))
+    planes = list(profile.planes)  # an iterator: read once
+
+    def lines(plane_prefix: str, line_prefix: str) -> list[list[tuple[float, float, str]]]:
+        return [
+            [(e.start_ns, e.duration_ns, e.name) for e in line.events]
+            for plane in planes
+            if plane.name.startswith(plane_prefix)
+            for line in plane.lines
+            if line.name.startswith(line_prefix)
+        ]
+
+    per_kernel: dict[str, float] = defaultdict(float)
+    device_lines = lines("/device:", "Stream")
+    ops: list[tuple[float, float, str]] = []
+    for events in device_lines:  # kernels do not nest
+        for _, dur, name in events:
+            per_kernel[name] += dur
+    if not device_lines:
+        for events in lines("/host:CPU", "tf_XLAEigen"):
+            for name, dur in _self_times(events).items():
+                if not name.startswith(_CPU_NOT_OPS):
+                    per_kernel[name] += dur
+            ops += [e for e in events if not e[2].startswith(_CPU_NOT_OPS)]
+    if not per_kernel:
+        return {
+            "error": "no device kernels or XLA CPU ops in the trace (on a CPU, run with "
+            "XLA_FLAGS=--xla_cpu_enable_xprof_traceme=true)",
+            "trace": str(traces[-1]),
+        }
+    total = sum(per_kernel.values())
+    by_kind: dict[str, float] = defaultdict(float)
+    for name, dur in per_kernel.items():
+        by_kind[kernel_kind(name)] += dur
+    ms = 1e-6 / n_steps  # XSpace times are in nanoseconds
+    ranked = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:top]
+    return {
+        "trace": str(traces[-1]),
+        **({} if device_lines else {"no_op_ms_per_step": _no_op_time(ops) * ms}),
+        "kernel_ms_per_step": total * ms,
+        "by_kind_ms_per_step": {k: v * ms for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
+        "top_kernels": [
+            {"name": name[:160], "kind": kernel_kind(name), "ms_per_step": dur * ms, "share": dur / total}
+            for name, dur in ranked
+        ],
+    }
+
+
+def profile_calls(work: Callable[[], Any], directory: str, n_steps: int) -> dict:
+    """Run ``work()`` (``n_steps`` steps) under ``jax.profiler.trace`` and :func:`summarize_trace` it."""
+    import jax
+
+    try:
+        with jax.profiler.trace(directory, create_perfetto_trace=True):
+            work()
+        return summarize_trace(directory, n_steps)
+    except Exception as err:  # e.g. no CUPTI, or a trace laid out otherwise: the bench's figures stand
+        return {"error": f"{type(err).__name__}: {err}"}
+
+
+def print_profile(prof: dict, per: str = "step", top: int | None = None) -> None:
+    """The text form of :func:`profile_calls`'s result (times per ``per``: a step, or a decode step)."""
+    if "error" in prof:
+        print(f"  profile            {prof['error']}")
+        return
+    kinds = "  ".join(f"{k} {v:.1f}" for k, v in prof["by_kind_ms_per_step"].items())
+    print(f"  profile            {prof['kernel_ms_per_step']:.1f} ms per {per} in kernels or ops: {kinds}")
+    if "no_op_ms_per_step" in prof:
+        print(
+            f"    {prof['no_op_ms_per_step']:7.2f} ms with no op on any thread"
+            f" (Eigen's untraced work for dot.N ops, and gaps between {per}s)"
+        )
+    for k in prof["top_kernels"][:top]:
+        print(f"    {k['ms_per_step']:7.2f} ms {100 * k['share']:5.1f}%  {k['kind']:<9} {k['name'][:90]}")
+    print(f"  trace              {prof['trace']}")
