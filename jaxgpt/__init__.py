@@ -13,6 +13,7 @@ from jaxgpt.data import DataLoader, create_dataloader, default_corpus, sliding_w
 from jaxgpt.generate import apply_temperature, generate, sample_next_token, top_k_mask, top_p_mask
 from jaxgpt.loss import calc_loss_batch, calc_loss_loader, cross_entropy
 from jaxgpt.model import GPTModel, count_params, init_cache, init_params
+from jaxgpt.pretrained import from_pretrained
 from jaxgpt.sharding import make_mesh, shard_train_step, state_shardings
 from jaxgpt.shards import open_shards, prepare_shards
 from jaxgpt.tokenizer import get_tokenizer, text_to_token_ids, token_ids_to_text
@@ -53,6 +54,7 @@ __all__ = [
     "cross_entropy",
     "default_corpus",
     "evaluate_model",
+    "from_pretrained",
     "generate",
     "generate_and_print_sample",
     "get_config",
