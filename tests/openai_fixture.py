@@ -7,6 +7,8 @@ through jaxgpt's TensorFlow reader and can serve as an independent reference.
 
 from __future__ import annotations
 
+import hashlib
+import os
 from pathlib import Path
 
 from scripts_loader import load_script
@@ -30,3 +32,20 @@ def write_hf_twin(path: Path) -> Path:
     script = fixture_script()
     script.write_hf(script.make_weights(script.HPARAMS, script.SEED), script.HPARAMS, path)
     return path
+
+
+def fake_hub_cache(cache: Path, hf_dir: Path, repo: str = "openai-community/gpt2") -> Path:
+    """A huggingface_hub cache holding ``hf_dir``'s files: blobs, a snapshot of symlinks, refs/main."""
+    root = cache / ("models--" + repo.replace("/", "--"))
+    commit = hashlib.sha1(repo.encode()).hexdigest()
+    (root / "blobs").mkdir(parents=True)
+    (root / "refs").mkdir()
+    (root / "refs" / "main").write_text(commit)
+    snapshot = root / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for name in ("config.json", "model.safetensors"):
+        data = (hf_dir / name).read_bytes()
+        blob = root / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        (snapshot / name).symlink_to(os.path.relpath(blob, snapshot))
+    return cache

@@ -3,7 +3,6 @@ download (a TensorFlow checkpoint read without TensorFlow), against a fixture Te
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from openai_fixture import FILES, OPENAI_TINY, fixture_script, write_hf_twin
+from openai_fixture import FILES, OPENAI_TINY, fake_hub_cache, fixture_script, write_hf_twin
 
 from jaxgpt.model import GPTModel
 from jaxgpt.pretrained import (
@@ -114,25 +113,8 @@ def test_openai_directory_matches_transformers(hf_twin):
 # ----------------------------------------------------------------------------- by name, from the hub's cache
 
 
-def _fake_hub_cache(cache: Path, hf_dir: Path, repo: str = "openai-community/gpt2") -> Path:
-    """A huggingface_hub cache holding ``hf_dir``'s files: blobs, a snapshot of symlinks, refs/main."""
-    root = cache / ("models--" + repo.replace("/", "--"))
-    commit = hashlib.sha1(repo.encode()).hexdigest()
-    (root / "blobs").mkdir(parents=True)
-    (root / "refs").mkdir()
-    (root / "refs" / "main").write_text(commit)
-    snapshot = root / "snapshots" / commit
-    snapshot.mkdir(parents=True)
-    for name in ("config.json", "model.safetensors"):
-        data = (hf_dir / name).read_bytes()
-        blob = root / "blobs" / hashlib.sha256(data).hexdigest()
-        blob.write_bytes(data)
-        (snapshot / name).symlink_to(os.path.relpath(blob, snapshot))
-    return cache
-
-
 def test_name_loads_from_hub_cache_offline(tmp_path, hf_twin, twin_logits):
-    cache = _fake_hub_cache(tmp_path / "hub", hf_twin)
+    cache = fake_hub_cache(tmp_path / "hub", hf_twin)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "PYTHONPATH": str(ROOT)}
     out = tmp_path / "logits.npy"
     code = (
@@ -155,7 +137,7 @@ def test_name_loads_from_hub_cache_offline(tmp_path, hf_twin, twin_logits):
 
 @pytest.mark.parametrize("name", ["gpt2", "124M", "openai-community/gpt2"])
 def test_names_and_aliases_resolve_to_the_same_cached_repo(tmp_path, hf_twin, twin_logits, name):
-    cache = _fake_hub_cache(tmp_path / "hub", hf_twin)
+    cache = fake_hub_cache(tmp_path / "hub", hf_twin)
     cfg, params = from_pretrained(name, cache_dir=cache, local_files_only=True)
     np.testing.assert_allclose(_logits(cfg, params), twin_logits, rtol=0, atol=1e-5)
 
