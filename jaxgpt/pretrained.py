@@ -512,6 +512,19 @@ def _download(repo: str, name: str, cache_dir: Any, local_files_only: bool, revi
     return directory
 
 
+def is_local_model(name_or_path: str | os.PathLike) -> bool:
+    """Whether ``from_pretrained`` reads this from disk rather than the hub: any existing path,
+    except a folder named like a GPT-2 model that holds no model itself (the book's download
+    leaves ``gpt2/124M/``, so ``gpt2`` in that folder's parent still means the name)."""
+    path = Path(name_or_path)
+    if not path.exists():
+        return False
+    if pretrained_repo(os.fspath(name_or_path)) is None or path.is_file():
+        return True
+    markers = (_HPARAMS, "config.json", "checkpoints", "checkpoint")
+    return is_openai_checkpoint_dir(path) or any((path / m).exists() for m in markers)
+
+
 def load_local(path: str | Path) -> tuple[GPTConfig, Params]:
     """Weights from a local path: OpenAI's directory, else whatever ``jaxgpt.weights.load`` reads
     (when it exists), else a Hugging Face directory."""
@@ -542,7 +555,7 @@ def from_pretrained(
     directory, or anything else jaxgpt's loader reads. Needs no torch and no TensorFlow.
     """
     text = os.fspath(name_or_path)
-    if Path(text).exists():
+    if is_local_model(text):
         return load_local(text)
     repo = pretrained_repo(text)
     if repo is None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -126,15 +127,19 @@ def test_no_task_is_a_usage_error(capsys):
 
 
 def test_by_name_offline_from_the_command_line(tmp_path, files, model):
+    # Run where the book's gpt_download.py left gpt2/124M/: "gpt2" still names the hub's model.
+    shutil.copytree(OPENAI_TINY, tmp_path / "gpt2" / "124M")
     cache = fake_hub_cache(tmp_path / "hub", write_hf_twin(tmp_path / "twin"))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "PYTHONPATH": str(ROOT)}
-    argv = ["gpt2", "--text", files["text"], "--context-length", "32", "--stride", "16", "--json"]
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "evaluate.py"), *map(str, argv)],
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
     expected = perplexity(*model[::-1], TEXT, context_length=32, stride=16)
-    assert json.loads(result.stdout)["perplexity"] == pytest.approx(expected.perplexity, rel=1e-5)
+    for name in ("gpt2", "gpt2/124M"):
+        argv = [name, "--text", files["text"], "--context-length", "32", "--stride", "16", "--json"]
+        result = subprocess.run(
+            [sys.executable, str(ROOT / "scripts" / "evaluate.py"), *map(str, argv)],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+        )
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert json.loads(result.stdout)["perplexity"] == pytest.approx(expected.perplexity, rel=1e-5), name

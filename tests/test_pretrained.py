@@ -142,6 +142,17 @@ def test_names_and_aliases_resolve_to_the_same_cached_repo(tmp_path, hf_twin, tw
     np.testing.assert_allclose(_logits(cfg, params), twin_logits, rtol=0, atol=1e-5)
 
 
+def test_name_wins_over_the_folder_the_book_download_leaves(tmp_path, monkeypatch, hf_twin, twin_logits):
+    # gpt_download.py writes gpt2/124M/; from that folder's parent, "gpt2" still names the model.
+    shutil.copytree(OPENAI_TINY, tmp_path / "gpt2" / "124M")
+    cache = fake_hub_cache(tmp_path / "hub", hf_twin)
+    monkeypatch.chdir(tmp_path)
+    cfg, params = from_pretrained("gpt2", cache_dir=cache, local_files_only=True)
+    np.testing.assert_allclose(_logits(cfg, params), twin_logits, rtol=0, atol=1e-5)
+    cfg, params = from_pretrained("gpt2/124M")
+    np.testing.assert_allclose(_logits(cfg, params), twin_logits, rtol=0, atol=1e-5)
+
+
 def test_missing_model_says_what_to_download_and_where(tmp_path):
     cache = tmp_path / "empty-cache"
     with pytest.raises(FileNotFoundError) as e:
