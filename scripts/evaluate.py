@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--stride", type=int, help="--text: tokens between window starts (default: half the window)"
     )
     p.add_argument(
-        "--batch-size", type=int, default=8, help="sequences per forward pass (default: %(default)s)"
+        "--batch-size", type=int, default=4, help="sequences per forward pass (default: %(default)s)"
     )
     p.add_argument("--limit", type=int, help="score only the first N items (--hellaswag, --lambada)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")

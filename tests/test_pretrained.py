@@ -179,6 +179,15 @@ def test_missing_file_is_named(tmp_path, missing):
         from_pretrained(path)
 
 
+def test_only_hparams_index_and_data_are_needed(tmp_path, twin_logits):
+    # The 'checkpoint' state file and the .meta graph are TensorFlow's; the weights do without them.
+    path = _copy_fixture(tmp_path)
+    (path / "checkpoint").unlink()
+    (path / "model.ckpt.meta").unlink()
+    cfg, params = from_pretrained(path)
+    np.testing.assert_allclose(_logits(cfg, params), twin_logits, rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("file", ["model.ckpt.data-00000-of-00001", "model.ckpt.index"])
 def test_truncated_file_is_named(tmp_path, file):
     path = _copy_fixture(tmp_path)
