@@ -551,8 +551,9 @@ def from_pretrained(
     Names: ``gpt2``, ``gpt2-medium``, ``gpt2-large``, ``gpt2-xl`` (also ``124M`` ... ``1558M`` and
     ``openai-community/gpt2...``), fetched with ``huggingface_hub`` into its cache (``cache_dir``
     overrides it; ``HF_HUB_OFFLINE=1`` or ``local_files_only`` never touch the network). An
-    existing local path wins over a name: the directory ``gpt_download.py`` writes, a Hugging Face
-    directory, or anything else jaxgpt's loader reads. Needs no torch and no TensorFlow.
+    existing local path wins over a name (see :func:`is_local_model`): the directory
+    ``gpt_download.py`` writes, a Hugging Face directory, or anything else jaxgpt's loader reads.
+    Needs no torch and no TensorFlow.
     """
     text = os.fspath(name_or_path)
     if is_local_model(text):
