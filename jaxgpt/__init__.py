@@ -10,9 +10,11 @@ function of its inputs and an explicit ``jax.random`` key.
 from jaxgpt.checkpoint import load_checkpoint
 from jaxgpt.config import PRESETS, GPTConfig, backend_defaults, get_config
 from jaxgpt.data import DataLoader, create_dataloader, default_corpus, sliding_windows, train_val_split
+from jaxgpt.evaluate import perplexity, score_lambada, score_multiple_choice
 from jaxgpt.generate import apply_temperature, generate, sample_next_token, top_k_mask, top_p_mask
 from jaxgpt.loss import calc_loss_batch, calc_loss_loader, cross_entropy
 from jaxgpt.model import GPTModel, count_params, init_cache, init_params
+from jaxgpt.pretrained import from_pretrained
 from jaxgpt.sharding import make_mesh, shard_train_step, state_shardings
 from jaxgpt.shards import open_shards, prepare_shards
 from jaxgpt.tokenizer import get_tokenizer, text_to_token_ids, token_ids_to_text
@@ -53,6 +55,7 @@ __all__ = [
     "cross_entropy",
     "default_corpus",
     "evaluate_model",
+    "from_pretrained",
     "generate",
     "generate_and_print_sample",
     "get_config",
@@ -68,9 +71,12 @@ __all__ = [
     "params_from_hf",
     "params_to_hf",
     "prepare_shards",
+    "perplexity",
     "sample_next_token",
     "save_book_state_dict",
     "save_hf_gpt2",
+    "score_lambada",
+    "score_multiple_choice",
     "shard_train_step",
     "sliding_windows",
     "state_shardings",
