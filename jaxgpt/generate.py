@@ -33,7 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxgpt.config import GPTConfig
-from jaxgpt.model import GPTModel, KVCache, LayerNorm, Params, TransformerBlock, init_cache, matmul_rows
+from jaxgpt.model import GPTModel, KVCache, LayerNorm, Params, TransformerBlock, init_cache
+from jaxgpt.ops import matmul_rows
 from jaxgpt.xla import compiler_options
 
 Array = jax.Array

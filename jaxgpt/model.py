@@ -17,7 +17,6 @@ nothing in a module is mutable state.
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any
 
@@ -26,135 +25,20 @@ import jax
 import jax.numpy as jnp
 
 from jaxgpt.config import GPTConfig
+from jaxgpt.ops import (
+    Dropout,
+    Linear,
+    explicit_attention,
+    fused_attention,
+    gelu_in_float32,
+    init_normal,
+    tied_head,
+    vocab_init,
+)
 
 Array = jax.Array
 Params = dict[str, Any]
 KVCache = dict[str, Array]
-
-_init_normal = nn.initializers.normal(stddev=0.02)  # GPT-2's initialisation
-
-
-def pad_vocab(table: Array, padded_size: int, axis: int) -> Array:
-    """``table`` with zeros appended along its vocabulary ``axis`` up to ``padded_size`` entries
-    (``GPTConfig.vocab_pad_multiple``)."""
-    widths = [(0, 0)] * table.ndim
-    widths[axis] = (0, padded_size - table.shape[axis])
-    return jnp.pad(table, widths)
-
-
-def _init_vocab(vocab_size: int, axis: int) -> nn.initializers.Initializer:
-    """GPT-2's initialisation of a table with ``vocab_size`` entries along ``axis``, then zeros
-    appended up to the padded size: padding never changes the real entries' initial values."""
-
-    def init(key: Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> Array:
-        real_shape = shape[:axis] + (vocab_size,) + shape[axis + 1 :]
-        return pad_vocab(_init_normal(key, real_shape, dtype), shape[axis], axis)
-
-    return init
-
-
-# --- matmuls: float32, or bfloat16 inputs accumulating in float32 (cfg.dtype) ---
-
-
-def _transposed(a: Array) -> Array:
-    """``a.T`` for a 2-D array, as a real row-major copy.
-
-    XLA folds a plain transpose into the matmul that reads it; on CPU the bfloat16 matmul
-    library then cannot take the operand and XLA falls back to float32 (half the speed). A
-    transpose through a rank-3 view is copied instead, and the copy is cheap next to the matmul.
-    (GPUs take transposed operands as they are.)
-    """
-    if jax.default_backend() != "cpu":
-        return a.T
-    return jnp.transpose(a[:, :, None], (1, 0, 2)).reshape(a.shape[1], a.shape[0])
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _bf16_matmul(x: Array, w: Array, out_dtype: Any) -> Array:
-    """(M, K) @ (K, N) -> (M, N) ``out_dtype``, multiplying in bfloat16 and accumulating in float32.
-
-    ``x`` arrives in ``out_dtype`` (the caller casts it), so its gradient has that dtype too.
-    """
-    return jnp.dot(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16), preferred_element_type=out_dtype)
-
-
-def _bf16_matmul_fwd(x: Array, w: Array, out_dtype: Any) -> tuple[Array, tuple[Array, Array]]:
-    x16, w16 = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)  # saved for the backward in bf16
-    return jnp.dot(x16, w16, preferred_element_type=out_dtype), (x16, w16)
-
-
-def _bf16_matmul_bwd(out_dtype: Any, res: tuple[Array, Array], g: Array) -> tuple[Array, Array]:
-    # Autodiff would give the backward matmuls float32 cotangents (so float32 speed); here both
-    # are bf16 x bf16 products too. The weight gradient comes back in float32, like the param it
-    # updates; the input's in out_dtype, like the input.
-    x16, w16 = res
-    g16 = g.astype(jnp.bfloat16)
-    dx = jnp.dot(g16, _transposed(w16), preferred_element_type=out_dtype)  # (M, K)
-    dw = jnp.dot(_transposed(x16), g16, preferred_element_type=jnp.float32)  # (K, N)
-    return dx, dw
-
-
-_bf16_matmul.defvjp(_bf16_matmul_fwd, _bf16_matmul_bwd)
-
-
-def matmul(x: Array, w: Array, dtype: str, out_dtype: str = "float32") -> Array:
-    """x (..., K) @ w (K, N) -> (..., N) in ``out_dtype``; ``dtype="bfloat16"`` multiplies in bf16.
-
-    ``out_dtype="bfloat16"`` (with bf16 multiplication only) also returns bf16 and takes x in bf16.
-    """
-    if dtype == "float32":
-        return x @ w
-    lead = x.shape[:-1]
-    out = jnp.dtype(out_dtype)
-    y = _bf16_matmul(x.reshape(-1, x.shape[-1]).astype(out), w, out)
-    return y.reshape(*lead, w.shape[-1])
-
-
-def matmul_rows(x: Array, rows: Array, dtype: str, out_dtype: str = "float32") -> Array:
-    """x (..., K) @ rows.T -> (..., N) for a weight stored as ``rows`` (N, K), one row per output.
-
-    The decoding form of :func:`matmul`. With one row of x per sequence the product is bound by
-    the memory: each weight is read once for a few multiply-adds. XLA streams a matrix faster as
-    dot products along its rows than as sums of its columns, so the weight is kept (N, K) and the
-    product formed as (rows @ x.T).T; the barrier keeps XLA from folding that transpose back into
-    the column form. gpt2-small's greedy decode on a 2-core CPU: 9% more tokens/s at B=1, 24% at
-    B=8 (docs/speed.md).
-    """
-    lead, x = x.shape[:-1], x.reshape(-1, x.shape[-1])  # x (M, K)
-    if dtype == "float32":
-        y = rows @ x.T  # (N, M)
-    else:
-        y = jnp.dot(
-            rows.astype(jnp.bfloat16), x.T.astype(jnp.bfloat16), preferred_element_type=jnp.dtype(out_dtype)
-        )
-    return jax.lax.optimization_barrier(y).T.reshape(*lead, rows.shape[0])  # (..., N): a small copy
-
-
-class Linear(nn.Module):
-    """``x @ kernel + bias`` (torch's nn.Linear; the param tree of ``flax.linen.Dense``).
-
-    Params stay float32; ``cfg.dtype`` sets the precision of the multiplication and
-    ``cfg.activation_dtype`` the dtype of the output. Given ``kernel_rows`` (features, in) instead
-    of ``kernel``, as decoding prepares its weights, it multiplies with :func:`matmul_rows`.
-    """
-
-    cfg: GPTConfig
-    features: int
-    use_bias: bool = True
-    kernel_init: nn.initializers.Initializer = _init_normal
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:  # (..., in) -> (..., features)
-        cfg = self.cfg
-        if self.has_variable("params", "kernel_rows"):  # decoding (jaxgpt.generate._decode_weights)
-            y = matmul_rows(x, self.get_variable("params", "kernel_rows"), cfg.dtype, cfg.activation_dtype)
-        else:
-            kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), jnp.float32)
-            y = matmul(x, kernel, cfg.dtype, cfg.activation_dtype)
-        if self.use_bias:
-            bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
-            y = y + bias.astype(y.dtype).reshape((1,) * (y.ndim - 1) + (-1,))
-        return y
 
 
 class LayerNorm(nn.Module):
@@ -179,75 +63,6 @@ def gelu(x: Array) -> Array:
     return 0.5 * x * (1.0 + jnp.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
 
 
-def _mix32(x: Array) -> Array:
-    """A strong 32-bit integer hash (Wellons' "lowbias32"): a bijection on uint32 values."""
-    x = x ^ (x >> 16)
-    x = x * jnp.uint32(0x7FEB352D)
-    x = x ^ (x >> 15)
-    x = x * jnp.uint32(0x846CA68B)
-    return x ^ (x >> 16)
-
-
-def keep_mask(key: Array, shape: tuple[int, ...], keep_prob: float) -> Array:
-    """Bernoulli(``keep_prob``) booleans of ``shape``, a deterministic function of ``key``.
-
-    Each element's 32 random bits are a keyed hash of its own index (a counter-based generator, as
-    Philox and Threefry are, with a lighter mixing function): two rounds of :func:`_mix32`, keyed
-    by the words of ``key``, leading index folded into the second round. On CPU this draws the
-    ~6M masks of one gpt2-small attention dropout in 2 ms, where ``jax.random.bernoulli`` takes
-    35 ms (threefry) to 60 ms (rbg): XLA expands those generators into long integer programs.
-    """
-    shape = tuple(shape)
-    if not shape:
-        return keep_mask(key, (1,), keep_prob).reshape(())
-    rest = math.prod(shape[1:])  # positions within one leading index
-    if rest >= 2**32:
-        raise ValueError(f"keep_mask counts positions in uint32: {shape[1:]} has {rest} >= 2**32 elements")
-    words = jax.random.key_data(key).reshape(-1).astype(jnp.uint32)  # 2 (threefry) or 4 (rbg) words
-    k0, k1 = words[0], words[-1]
-    lead = jax.lax.broadcasted_iota(jnp.uint32, shape, 0)  # the leading index (batch)
-    counter = jax.lax.iota(jnp.uint32, rest).reshape((1,) + shape[1:])
-    bits = _mix32(_mix32(counter ^ k0) ^ (lead * jnp.uint32(0x9E3779B9) + k1))
-    threshold = min(round(keep_prob * 2**32), 2**32 - 1)  # P(bits < threshold) = keep_prob
-    return bits < jnp.uint32(threshold)
-
-
-class Dropout(nn.Module):
-    """Inverted dropout (``torch.nn.Dropout``): zero each element with probability ``rate`` and
-    scale the survivors by 1 / (1 - rate); the identity when ``deterministic``.
-
-    ``flax.linen.Dropout``'s interface and semantics, with the mask drawn by :func:`keep_mask`
-    from the module's ``"dropout"`` rng.
-    """
-
-    rate: float
-    deterministic: bool | None = None
-
-    @nn.compact
-    def __call__(self, x: Array, deterministic: bool | None = None) -> Array:
-        deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
-        if deterministic or self.rate == 0.0:
-            return x
-        if self.rate == 1.0:
-            return jnp.zeros_like(x)
-        keep_prob = 1.0 - self.rate
-        mask = keep_mask(self.make_rng("dropout"), x.shape, keep_prob)
-        return jnp.where(mask, x / keep_prob, jnp.zeros((), x.dtype))
-
-
-@jax.checkpoint
-def _gelu_float32(h: Array) -> Array:
-    """:func:`gelu` in float32 arithmetic; bf16 activations stay bf16.
-
-    Checkpointed: the backward pass recomputes the tanh from ``h`` (kept anyway, in bf16 with bf16
-    activations) instead of keeping float32 intermediates of the (B, T, 4C) hidden layer, which a
-    train step writes and reads back once per layer. gpt2-small, T=1024, batch 64 on an H200: peak
-    memory 30.9 -> 21.9 GiB and 1.3% faster. On the CPU, same speed; T=256, batch 8: 1.1 GB less;
-    T=1024, batch 8: XLA's temporaries 23.2 -> 18.7 GiB, so it trains in 24 GiB without remat.
-    """
-    return gelu(h.astype(jnp.float32)).astype(h.dtype)
-
-
 class FeedForward(nn.Module):
     """Position-wise feed-forward network (book 4.3): C -> 4C -> GELU -> C."""
 
@@ -258,64 +73,8 @@ class FeedForward(nn.Module):
         C = self.cfg.emb_dim
         # `layers_0` and `layers_2` mirror the book's nn.Sequential indices (1 is the GELU).
         h = Linear(self.cfg, 4 * C, name="layers_0")(x)  # (B, T, 4C)
-        h = _gelu_float32(h)
+        h = gelu_in_float32(gelu, h)
         return Linear(self.cfg, C, name="layers_2")(h)  # (B, T, C)
-
-
-# einsum letters of (queries, keys and values, scores) in the layouts attention is computed in
-_ATTENTION_LAYOUTS = {
-    "bshd": ("bthd", "bshd", "bhts"),  # as projected: (B, T or S, n_heads, head_dim)
-    "flat": ("ntd", "nsd", "nts"),  # the KV cache's: heads folded into the batch, n = B * n_heads
-}
-
-
-def _attention_with_dropout(
-    queries: Array,
-    keys: Array,
-    values: Array,
-    mask: Array,
-    dropout: Dropout,
-    deterministic: bool,
-    layout: str = "bshd",
-) -> Array:
-    """The book's attention, step by step, with dropout on the attention weights.
-
-    ``layout="bshd"``: queries (B, T, n_heads, head_dim), keys and values (B, S, n_heads,
-    head_dim), mask broadcasting to (B, n_heads, T, S) -> (B, T, n_heads, head_dim).
-    ``layout="flat"``: queries (N, T, head_dim), keys and values (N, S, head_dim), mask (N, T, S)
-    -> (N, T, head_dim), for N = B * n_heads: the KV cache's layout (see ``MultiHeadAttention``).
-    """
-    q_spec, kv_spec, scores_spec = _ATTENTION_LAYOUTS[layout]
-    head_dim = queries.shape[-1]
-    # the scores and their softmax in float32 whatever the activations' dtype
-    attn_scores = jnp.einsum(
-        f"{q_spec},{kv_spec}->{scores_spec}", queries, keys, preferred_element_type=jnp.float32
-    )  # (B, n_heads, T, S) or (N, T, S)
-    attn_scores = jnp.where(mask, attn_scores / math.sqrt(head_dim), -jnp.inf)
-    attn_weights = jax.nn.softmax(attn_scores, axis=-1)
-    attn_weights = dropout(attn_weights, deterministic=deterministic)
-    attn_weights = attn_weights.astype(values.dtype)
-    return jnp.einsum(f"{scores_spec},{kv_spec}->{q_spec}", attn_weights, values)
-
-
-def _fused_attention(queries: Array, keys: Array, values: Array, mask: Array | None, dtype: str) -> Array:
-    """The same attention without dropout, as one ``jax.nn.dot_product_attention`` call.
-
-    XLA's implementation on CPU; cuDNN's flash attention on a GPU in bfloat16 (never holds the
-    (T, S) weights). ``mask=None`` means plain causal attention over the call's own tokens.
-    """
-    scale = 1.0 / math.sqrt(queries.shape[-1])
-    causal = mask is None
-    if dtype == "bfloat16" and jax.default_backend() == "gpu":
-        q, k, v = (t.astype(jnp.bfloat16) for t in (queries, keys, values))
-        try:
-            out = jax.nn.dot_product_attention(
-                q, k, v, mask=mask, scale=scale, is_causal=causal, implementation="cudnn"
-            )
-            return out.astype(queries.dtype)
-        except Exception:  # this GPU/cuDNN/shape has no fused kernel: XLA's version below
-            pass
-    return jax.nn.dot_product_attention(queries, keys, values, mask=mask, scale=scale, is_causal=causal)
 
 
 class MultiHeadAttention(nn.Module):
@@ -345,7 +104,7 @@ class MultiHeadAttention(nn.Module):
         keys = Linear(cfg, C, cfg.qkv_bias, name="W_key")(x).reshape(B, T, n_heads, head_dim)
         values = Linear(cfg, C, cfg.qkv_bias, name="W_value")(x).reshape(B, T, n_heads, head_dim)
 
-        dropout = Dropout(cfg.drop_rate, name="dropout")
+        dropout = Dropout(cfg.drop_rate, deterministic=self.deterministic, name="dropout")
         if kv is not None:  # decode: write into the fixed-size cache, attend over all its slots
             # The update and both products run with the heads folded into the batch, (B * n_heads,
             # S, head_dim): XLA then updates the cache in place and the products read it as it is.
@@ -362,13 +121,12 @@ class MultiHeadAttention(nn.Module):
             }
             S = kv["k"].shape[1]
             mask = jnp.broadcast_to(mask, (B, n_heads, T, S)).reshape(B * n_heads, T, S)
-            context_vec = _attention_with_dropout(
+            context_vec = explicit_attention(
                 flat(queries.transpose(0, 2, 1, 3)),
                 kv["k"].astype(jnp.float32),  # a bf16 cache: in float32
                 kv["v"].astype(jnp.float32),
                 mask,
                 dropout,
-                self.deterministic,
                 layout="flat",
             )  # (B * n_heads, T, head_dim)
             context_vec = context_vec.reshape(B, n_heads, T, head_dim).transpose(0, 2, 1, 3)
@@ -378,9 +136,9 @@ class MultiHeadAttention(nn.Module):
             # book's explicit attention weights and drops them exactly as the book does.
             if mask is None:
                 mask = jnp.tril(jnp.ones((T, T), dtype=bool))[None, None]  # (1, 1, T, T)
-            context_vec = _attention_with_dropout(queries, keys, values, mask, dropout, self.deterministic)
+            context_vec = explicit_attention(queries, keys, values, mask, dropout)
         else:
-            context_vec = _fused_attention(queries, keys, values, mask, cfg.dtype)  # (B, T, n_heads, hd)
+            context_vec = fused_attention(queries, keys, values, mask, cfg.dtype)  # (B, T, n_heads, hd)
         context_vec = context_vec.reshape(B, T, C)  # concatenate the heads
         return Linear(cfg, C, name="out_proj")(context_vec), kv
 
@@ -468,9 +226,9 @@ class GPTModel(nn.Module):
 
         V = cfg.vocab_size
         tok_emb = nn.Embed(
-            cfg.padded_vocab_size, cfg.emb_dim, embedding_init=_init_vocab(V, axis=0), name="tok_emb"
+            cfg.padded_vocab_size, cfg.emb_dim, embedding_init=vocab_init(V, axis=0), name="tok_emb"
         )
-        pos_emb = nn.Embed(cfg.context_length, cfg.emb_dim, embedding_init=_init_normal, name="pos_emb")
+        pos_emb = nn.Embed(cfg.context_length, cfg.emb_dim, embedding_init=init_normal, name="pos_emb")
         x = tok_emb(idx) + pos_emb(positions)  # (B, T, C)
         x = Dropout(cfg.drop_rate, name="drop_emb")(x, deterministic=deterministic)
 
@@ -491,13 +249,9 @@ class GPTModel(nn.Module):
         if not head and cache is None:
             return x  # (B, T, C)
         if cfg.tie_embeddings:  # GPT-2: the head is the token embedding, transposed
-            embedding = tok_emb.embedding  # (V, C)
-            if cfg.dtype == "float32":
-                logits = x @ embedding.T  # (B, T, V)
-            else:  # cast before the transpose copy: half the bytes to move
-                logits = matmul(x, _transposed(embedding.astype(jnp.bfloat16)), cfg.dtype)  # (B, T, V)
+            logits = tied_head(x, tok_emb.embedding, cfg.dtype)  # (B, T, V)
         else:
-            head = Linear(cfg, cfg.padded_vocab_size, False, _init_vocab(V, axis=1), name="out_head")
+            head = Linear(cfg, cfg.padded_vocab_size, False, vocab_init(V, axis=1), name="out_head")
             logits = head(x)  # (B, T, V)
         if cfg.padded_vocab_size != V:
             logits = logits[..., :V]  # the padding's logits are never seen

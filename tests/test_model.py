@@ -7,7 +7,6 @@ import pytest
 
 from jaxgpt.config import GPTConfig, get_config
 from jaxgpt.model import (
-    Dropout,
     FeedForward,
     GPTModel,
     LayerNorm,
@@ -16,7 +15,6 @@ from jaxgpt.model import (
     gelu,
     init_cache,
     init_params,
-    keep_mask,
 )
 
 TINY = GPTConfig(
@@ -170,58 +168,6 @@ def test_dropout_only_in_training():
     assert np.abs(np.asarray(train1 - eval1)).max() > 1e-3
     assert np.abs(np.asarray(train1 - train2)).max() > 1e-3
     np.testing.assert_array_equal(train1, train1_again)  # same key, same mask
-
-
-@pytest.mark.parametrize("keep_prob", [0.9, 0.5, 0.013])
-def test_keep_mask_keeps_each_element_with_probability_keep_prob(keep_prob):
-    shape = (8, 12, 64, 64)  # a batch of attention weights: 393,216 draws
-    mask = np.asarray(keep_mask(jax.random.key(3), shape, keep_prob))
-    assert mask.shape == shape and mask.dtype == bool
-    n = mask.size
-    sigma = math.sqrt(keep_prob * (1 - keep_prob) / n)
-    assert abs(mask.mean() - keep_prob) < 5 * sigma  # the overall rate
-    # ... and in every row of the batch, every head, and along the positions: no stripes or repeats
-    for axes in [(1, 2, 3), (0, 2, 3), (0, 1, 3), (0, 1, 2)]:
-        rates = mask.mean(axis=axes)
-        assert np.abs(rates - keep_prob).max() < 5 * sigma * math.sqrt(n / (n / rates.size))
-    flat = mask.reshape(shape[0], -1)
-    assert not (flat[1:] == flat[:1]).all(axis=1).any()  # batch rows differ
-    # neighbours are independent: P(both kept) = keep_prob**2 along every axis
-    for axis in range(4):
-        a, b = np.moveaxis(mask, axis, 0)[:-1], np.moveaxis(mask, axis, 0)[1:]
-        assert abs((a & b).mean() - keep_prob**2) < 5 * math.sqrt(keep_prob**2 * (1 - keep_prob**2) / a.size)
-
-
-def test_keep_mask_is_a_deterministic_function_of_the_key():
-    def draw(key):
-        return np.asarray(keep_mask(key, (4, 1000), 0.5))
-
-    np.testing.assert_array_equal(draw(jax.random.key(1)), draw(jax.random.key(1)))
-    np.testing.assert_array_equal(draw(jax.random.key(1, impl="rbg")), draw(jax.random.key(1, impl="rbg")))
-    masks = [draw(k) for k in (jax.random.key(1), jax.random.key(2), *jax.random.split(jax.random.key(1)))]
-    for i in range(len(masks)):
-        for j in range(i):  # different keys: agreement at chance level (1/2), not identical masks
-            assert 0.45 < (masks[i] == masks[j]).mean() < 0.55
-
-
-def test_keep_mask_shapes():
-    key = jax.random.key(0)
-    assert keep_mask(key, (), 0.5).shape == ()
-    assert keep_mask(key, (7,), 0.5).shape == (7,)
-    with pytest.raises(ValueError, match="2\\*\\*32"):
-        keep_mask(key, (1, 2**16, 2**16), 0.5)
-
-
-def test_dropout_module_is_torch_style_inverted_dropout():
-    x = jnp.arange(1, 20_001, dtype=jnp.float32).reshape(2, 10_000)
-    key = {"dropout": jax.random.key(0)}
-    out = np.asarray(Dropout(0.1).apply({}, x, deterministic=False, rngs=key))
-    kept = out != 0
-    np.testing.assert_allclose(out[kept], np.asarray(x)[kept] / 0.9, rtol=1e-6)  # survivors scaled by 1/(1-p)
-    assert abs(kept.mean() - 0.9) < 5 * math.sqrt(0.09 / kept.size)
-    np.testing.assert_array_equal(Dropout(0.1).apply({}, x, deterministic=True), x)  # evaluation: identity
-    np.testing.assert_array_equal(Dropout(0.0).apply({}, x, deterministic=False, rngs=key), x)
-    np.testing.assert_array_equal(Dropout(1.0).apply({}, x, deterministic=False, rngs=key), np.zeros_like(x))
 
 
 def test_training_without_a_dropout_key_is_an_error(tiny_params):
