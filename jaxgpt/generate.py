@@ -7,7 +7,8 @@ temperature of 0 means greedy decoding (argmax), the book's ``generate_text_simp
 
 :func:`generate` runs the model the way a JAX user expects: one prefill pass writes the
 prompt into a preallocated key/value cache, then a single jitted ``lax.while_loop`` feeds one
-token per step (through per-layer weights split once before the loop, see :func:`_decode_step`).
+token per step, both through ``GPTModel(cfg, decode=True)`` over weights laid out once before the
+loop (:func:`jaxgpt.ops.decode_params`).
 The shapes depend only on (batch, prompt length, max_new_tokens), so the whole decode compiles
 once, however many tokens it produces. Prompts of different lengths are left
 padded; the cache's ``start`` hides the padding and shifts each row's positions, so every row
@@ -25,7 +26,7 @@ from __future__ import annotations
 
 import functools
 import numbers
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -33,8 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxgpt.config import GPTConfig
-from jaxgpt.model import GPTModel, KVCache, LayerNorm, Params, TransformerBlock, init_cache
-from jaxgpt.ops import matmul_rows
+from jaxgpt.model import GPTModel, KVCache, Params, init_cache
+from jaxgpt.ops import decode_params
 from jaxgpt.xla import compiler_options
 
 Array = jax.Array
@@ -176,80 +177,13 @@ def sample_next_token(
 
 
 def _apply(params: Params, cfg: GPTConfig, idx: Array, cache: KVCache) -> tuple[Array, KVCache]:
-    """One model call with a cache: idx (B, T) -> last position's logits (B, V) and the new cache."""
-    logits, cache = GPTModel(cfg).apply({"params": params}, idx, cache=cache)
+    """One model call with a cache: idx (B, T) -> last position's logits (B, V) and the new cache.
+
+    ``params`` in the layout of :func:`jaxgpt.ops.decode_params`; every call of the decode runs
+    through here, so the prefill, each decode step and each sliding-window step are one forward pass.
+    """
+    logits, cache = GPTModel(cfg, decode=True).apply({"params": params}, idx, cache=cache)
     return logits[:, -1, :], cache
-
-
-def _split_layers(stacked: Any, n_layers: int) -> list[Any]:
-    """A tree whose leaves have a leading layer axis L -> a list of L per-layer trees."""
-    return [jax.tree_util.tree_map(lambda a, i=i: a[i], stacked) for i in range(n_layers)]
-
-
-def _to_bf16_if_matrix(a: Array) -> Array:
-    return a.astype(jnp.bfloat16) if a.ndim == 2 else a  # matmul kernels; norms and biases stay float32
-
-
-def _as_rows(tree: Any) -> Any:
-    """Each ``Linear``'s ``kernel`` (in, out) in a param tree -> ``kernel_rows`` (out, in)."""
-    if not isinstance(tree, Mapping):
-        return tree
-    return {
-        ("kernel_rows" if name == "kernel" else name): (value.T if name == "kernel" else _as_rows(value))
-        for name, value in tree.items()
-    }
-
-
-def _decode_weights(params: Params, cfg: GPTConfig) -> tuple[list[Params], Array]:
-    """The weights :func:`_decode_step` reads: per-layer params and the head's rows (V, C).
-
-    Done once before the decode loop: the layers are split out of the stacked params and every
-    matrix is laid out as rows, one per output (see :func:`jaxgpt.model.matmul_rows`). With
-    bfloat16 matmuls the matrices are cast here too, not on every token.
-    """
-    layers = _split_layers(params["trf_blocks"], cfg.n_layers)
-    head = params["tok_emb"]["embedding"] if cfg.tie_embeddings else params["out_head"]["kernel"].T  # (V, C)
-    if cfg.dtype != "float32":
-        layers = [jax.tree_util.tree_map(_to_bf16_if_matrix, layer) for layer in layers]
-        head = head.astype(jnp.bfloat16)
-    return [_as_rows(layer) for layer in layers], head
-
-
-def _decode_step(
-    params: Params,
-    layers: list[Params],
-    head: Array,
-    cfg: GPTConfig,
-    tok: Array,
-    kvs: list[KVCache],
-    index: Array,
-    start: Array,
-) -> tuple[Array, list[KVCache]]:
-    """One new token per row, (B,) -> next-token logits (B, V) and the updated per-layer caches.
-
-    ``head`` (V, C) holds the logits matrix as rows: the token embedding itself (tied) or
-    ``out_head`` transposed; like every matrix of ``layers`` it is read by
-    :func:`jaxgpt.model.matmul_rows`.
-
-    The same computation as ``GPTModel``'s cached call for one token (tested equal), with the
-    model's own ``TransformerBlock`` and ``LayerNorm``, but run over per-layer params and caches
-    split once before the decode loop. Under ``nn.scan`` every step slices each layer's weights
-    out of the stacked params, which on CPU copies them: at B=1 that doubled the time per token.
-    """
-    S = kvs[0]["k"].shape[-2]
-    k_slot = jnp.arange(S)  # (S,)
-    mask = (k_slot[None, :] <= index) & (k_slot[None, :] >= start[:, None])  # (B, S): causal, not padding
-    mask = mask[:, None, None, :]  # (B, 1, 1, S)
-    position = jnp.maximum(index - start, 0)  # (B,): left padding shifts positions
-    x = params["tok_emb"]["embedding"][tok] + params["pos_emb"]["embedding"][position]  # (B, C)
-    x = x[:, None, :]  # (B, 1, C)
-    new_kvs = []
-    for layer, kv in zip(layers, kvs, strict=True):
-        x, kv = TransformerBlock(cfg).apply({"params": layer}, x, kv, mask, index)
-        new_kvs.append(kv)
-    x = LayerNorm(cfg.emb_dim).apply({"params": params["final_norm"]}, x)[:, 0]  # (B, C)
-    logits = matmul_rows(x, head, cfg.dtype)  # (B, V)
-    return logits[:, : cfg.vocab_size], new_kvs  # no padding's logits
 
 
 def _generate_padded(
@@ -290,28 +224,20 @@ def _generate_padded(
     def running(t: Array, done: Array, stop: int) -> Array:
         return (t < stop) & ~jnp.all(done) if eos_id is not None else t < stop
 
+    params = decode_params(params, cfg)  # once, outside the loop
     # Prefill: the whole (padded) prompt in one pass; every row's last real token sits at slot T - 1.
-    cache = init_cache(cfg, B, size, start)
-    logits, cache = _apply(params, cfg, prompt, cache)
+    logits, cache = _apply(params, cfg, prompt, init_cache(cfg, B, size, start))
     tok, done = pick(logits, jnp.int32(0), jnp.zeros((B,), bool))
     out = jnp.full((B, N), pad, jnp.int32).at[:, 0].set(tok)  # (B, N)
 
-    layers, head = _decode_weights(params, cfg)  # once, outside the loop
-    # per layer, with the heads folded into the batch as attention updates and reads them
-    kvs = [
-        {name: cache[name][i].reshape(B * cfg.n_heads, size, cfg.head_dim) for name in ("k", "v")}
-        for i in range(cfg.n_layers)
-    ]  # each (B * n_heads, S, head_dim)
-
     def cached_step(carry):
-        t, tok, kvs, out, done = carry
-        index = T + t - 1  # token t-1 goes into this slot
-        logits, kvs = _decode_step(params, layers, head, cfg, tok, kvs, index, start)
+        t, tok, cache, out, done = carry  # token t-1 goes into slot cache["index"] = T + t - 1
+        logits, cache = _apply(params, cfg, tok[:, None], cache)
         tok, done = pick(logits, t, done)
-        return t + 1, tok, kvs, jax.lax.dynamic_update_slice(out, tok[:, None], (0, t)), done
+        return t + 1, tok, cache, jax.lax.dynamic_update_slice(out, tok[:, None], (0, t)), done
 
-    t, tok, kvs, out, done = jax.lax.while_loop(
-        lambda c: running(c[0], c[4], n_cached), cached_step, (jnp.int32(1), tok, kvs, out, done)
+    t, tok, cache, out, done = jax.lax.while_loop(
+        lambda c: running(c[0], c[4], n_cached), cached_step, (jnp.int32(1), tok, cache, out, done)
     )
     if N == n_cached:
         return out

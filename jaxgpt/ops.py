@@ -151,9 +151,7 @@ class Linear(nn.Module):
     def __call__(self, x: Array) -> Array:  # (..., in) -> (..., features)
         cfg = self.cfg
         out_dtype = self.out_dtype or cfg.activation_dtype
-        if self.has_variable("params", "kernel_rows"):  # the old decode layout, removed in the next commit
-            y = matmul_rows(x, self.get_variable("params", "kernel_rows"), cfg.dtype, out_dtype)
-        elif self.rows:
+        if self.rows:
             kernel = self.param("kernel", self.kernel_init, (self.features, x.shape[-1]), jnp.float32)
             y = matmul_rows(x, kernel, cfg.dtype, out_dtype)
         else:

@@ -7,7 +7,7 @@ import pytest
 
 from jaxgpt.config import GPTConfig
 from jaxgpt.generate import generate, sample_next_token, top_k_mask, top_p_mask
-from jaxgpt.model import GPTModel, init_cache, init_params
+from jaxgpt.model import GPTModel, init_params
 
 gen = importlib.import_module("jaxgpt.generate")  # the module; `jaxgpt.generate` is also the function
 
@@ -74,7 +74,7 @@ def test_prompts_of_different_lengths_each_match_their_own_generation(params):
 
 
 def test_decoding_compiles_once_whatever_the_number_of_tokens(params, monkeypatch):
-    """The model is traced for the prefill, one decode step and one sliding-window step, never per token."""
+    """GPTModel is traced for the prefill, one decode step and one sliding-window step, never per token."""
     traces = []
 
     def counting(name, fn):
@@ -84,49 +84,18 @@ def test_decoding_compiles_once_whatever_the_number_of_tokens(params, monkeypatc
 
         return wrapper
 
-    monkeypatch.setattr(gen, "_apply", counting("full", gen._apply))
-    monkeypatch.setattr(gen, "_decode_step", counting("step", gen._decode_step))
+    monkeypatch.setattr(gen, "_apply", counting("model", gen._apply))
     jitted = gen._jitted_generate(jax.default_backend())
     jitted.clear_cache()
     prompt = np.array([[1, 2, 3]], np.int32)
     generate(params, CFG, prompt, 12)  # 6 tokens from the cache, then 6 past the context of 8
-    assert traces == ["full", "step", "full"]  # prefill, decode step, window step
+    assert traces == ["model"] * 3  # prefill, decode step, window step: one forward pass each
     generate(params, CFG, prompt[:, ::-1], 12)
     sample = dict(top_k=5, key=jax.random.key(0))
     generate(params, CFG, prompt, 12, temperature=0.7, **sample)
     generate(params, CFG, prompt, 12, temperature=1.3, **sample)  # the temperature is traced, not static
     assert jitted._cache_size() == 2  # one greedy, one sampling program
     assert len(traces) == 6
-
-
-@pytest.mark.parametrize(
-    "tie, qkv_bias, dtype", [(True, False, "float32"), (False, True, "float32"), (True, True, "bfloat16")]
-)
-def test_decode_step_gives_the_models_cached_logits(tie, qkv_bias, dtype):
-    """The per-layer decode step is the model's cached one-token call, left padding included.
-
-    The step reads the weights generate prepares (bfloat16 ones cast once), and takes each layer's
-    cache as the model holds it, (B, n_heads, S, head_dim), or as the decode loop carries it,
-    (B * n_heads, S, head_dim); it returns the cache in the layout it got.
-    """
-    cfg = CFG.replace(tie_embeddings=tie, qkv_bias=qkv_bias, context_length=12, dtype=dtype)
-    p = init_params(cfg, jax.random.key(8))
-    start = jnp.array([0, 3], jnp.int32)
-    prompt = jnp.asarray(np.random.default_rng(2).integers(0, cfg.vocab_size, (2, 6)), jnp.int32)
-    model = GPTModel(cfg)
-    _, cache = model.apply({"params": p}, prompt, cache=init_cache(cfg, 2, 10, start))
-    tok = jnp.array([5, 17], jnp.int32)
-    expected, expected_cache = model.apply({"params": p}, tok[:, None], cache=cache)
-    layers, head = gen._decode_weights(p, cfg)
-    L, B, H, S, hd = cache["k"].shape
-    for shape in ((B, H, S, hd), (B * H, S, hd)):
-        kvs = [{name: cache[name][i].reshape(shape) for name in ("k", "v")} for i in range(L)]
-        logits, new_kvs = gen._decode_step(p, layers, head, cfg, tok, kvs, jnp.int32(6), start)
-        np.testing.assert_allclose(logits, expected[:, -1], atol=1e-5)
-        for name in ("k", "v"):
-            new = jnp.stack([kv[name] for kv in new_kvs])
-            assert new.shape == (L, *shape)
-            np.testing.assert_allclose(new.reshape(L, B, H, S, hd), expected_cache[name], atol=1e-6)
 
 
 @pytest.mark.parametrize("batch_size", [1, 3])

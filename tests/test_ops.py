@@ -20,6 +20,7 @@ from jaxgpt.ops import (
     Dropout,
     attention_implementation,
     bf16_matmul,
+    decode_params,
     explicit_attention,
     fused_attention,
     gelu_in_float32,
@@ -105,9 +106,9 @@ def test_bf16_activations_decode_with_the_kv_cache_like_the_full_forward():
     params = init_params(cfg, jax.random.key(2))
     idx = jnp.asarray(np.arange(10).reshape(2, 5) % cfg.vocab_size)
     full = GPTModel(cfg).apply({"params": params}, idx)  # (B, T, V), no cache
-    cache = init_cache(cfg, batch_size=2, size=8)
-    logits, cache = GPTModel(cfg).apply({"params": params}, idx[:, :4], cache=cache)
-    last, _ = GPTModel(cfg).apply({"params": params}, idx[:, 4:], cache=cache)
+    cache, decoding = init_cache(cfg, batch_size=2, size=8), {"params": decode_params(params, cfg)}
+    logits, cache = GPTModel(cfg, decode=True).apply(decoding, idx[:, :4], cache=cache)
+    last, _ = GPTModel(cfg, decode=True).apply(decoding, idx[:, 4:], cache=cache)
     np.testing.assert_allclose(jnp.concatenate([logits, last], axis=1), full, atol=3e-2)
 
 
