@@ -1,15 +1,13 @@
-import importlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import jaxgpt
+from jaxgpt import generation as gen
 from jaxgpt.config import GPTConfig
-from jaxgpt.generate import generate, sample_next_token, top_k_mask, top_p_mask
+from jaxgpt.generation import generate, generate_ragged, sample_next_token, top_k_mask, top_p_mask
 from jaxgpt.model import GPTModel, init_params
-
-gen = importlib.import_module("jaxgpt.generate")  # the module; `jaxgpt.generate` is also the function
 
 CFG = GPTConfig(vocab_size=61, context_length=8, emb_dim=16, n_heads=2, n_layers=2, drop_rate=0.0)
 
@@ -66,7 +64,7 @@ def test_greedy_batch_matches_the_uncached_reference_near_the_context_limit(para
 def test_prompts_of_different_lengths_each_match_their_own_generation(params):
     rng = np.random.default_rng(7)
     prompts = [rng.integers(0, CFG.vocab_size, size).tolist() for size in (2, 6, 4, 10)]
-    out = generate(params, CFG, prompts, max_new_tokens=5)  # the 6- and 10-token rows overflow the context
+    out = generate_ragged(params, CFG, prompts, max_new_tokens=5)  # rows of 6 and 10 overflow the context
     assert isinstance(out, list) and len(out) == 4
     for prompt, row in zip(prompts, out, strict=True):
         expected = _reference_greedy(params, CFG, np.array([prompt], np.int32), 5)[0]
@@ -127,7 +125,7 @@ def test_rows_stop_at_eos_and_then_repeat_it(params):
     reference = _reference_greedy(params, CFG, prompt, 4)
     eos = int(reference[0, 4])  # the second token row 0 produces
     out = np.asarray(generate(params, CFG, prompt, 4, eos_id=eos))
-    lists = generate(params, CFG, prompt.tolist(), 4, eos_id=eos)
+    lists = generate_ragged(params, CFG, prompt.tolist(), 4, eos_id=eos)
     for i in range(2):
         new = reference[i, 3:].copy()
         hits = np.flatnonzero(new == eos)
@@ -140,7 +138,7 @@ def test_rows_stop_at_eos_and_then_repeat_it(params):
 def test_generation_ends_early_when_every_row_has_met_eos(params):
     prompt = np.array([[1, 2, 3]], np.int32)
     eos = int(_reference_greedy(params, CFG, prompt, 1)[0, 3])  # the very first new token
-    out = generate(params, CFG, prompt.tolist(), 50, eos_id=eos)
+    out = generate_ragged(params, CFG, prompt.tolist(), 50, eos_id=eos)
     assert out == [[1, 2, 3]]
 
 
@@ -293,10 +291,27 @@ def test_invalid_arguments_name_the_argument(params, kwargs, name):
         generate(params, CFG, np.array([[1, 2]], np.int32), **kwargs)
 
 
-@pytest.mark.parametrize("ids", [np.zeros((1, 0), np.int32), [[1, 2], []], [1, 2, 3], np.array([[1, 61]])])
+@pytest.mark.parametrize(
+    "ids", [np.zeros((1, 0), np.int32), [[1, 2], []], [[1, 2], [3]], [1, 2, 3], np.array([[1, 61]])]
+)
 def test_empty_or_malformed_prompts_are_rejected(params, ids):
     with pytest.raises(ValueError, match="ids"):
         generate(params, CFG, ids, 3)
+
+
+@pytest.mark.parametrize("prompts", [[], [[1, 2], []], [1, 2, 3], [[1, 61]], "abc"])
+def test_empty_or_malformed_ragged_prompts_are_rejected(params, prompts):
+    with pytest.raises(ValueError, match="prompts"):
+        generate_ragged(params, CFG, prompts, 3)
+
+
+def test_generate_always_returns_an_array_and_generate_ragged_lists(params):
+    out = generate(params, CFG, [[1, 2, 3], [4, 5, 6]], 2)  # equal lengths as lists: still (B, T + n)
+    assert isinstance(out, jax.Array) and out.shape == (2, 5)
+    lists = generate_ragged(params, CFG, [[1, 2, 3], [4, 5, 6]], 2)
+    assert lists == np.asarray(out).tolist()
+    assert jaxgpt.generate is generate and jaxgpt.generate_ragged is generate_ragged
+    assert jaxgpt.generation is gen  # the module keeps its own name
 
 
 def test_zero_new_tokens_returns_the_prompt(params):

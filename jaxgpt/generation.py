@@ -8,11 +8,10 @@ temperature of 0 means greedy decoding (argmax), the book's ``generate_text_simp
 :func:`generate` runs the model the way a JAX user expects: one prefill pass writes the
 prompt into a preallocated key/value cache, then a single jitted ``lax.while_loop`` feeds one
 token per step, both through ``GPTModel(cfg, decode=True)`` over weights laid out once before the
-loop (:func:`jaxgpt.ops.decode_params`).
-The shapes depend only on (batch, prompt length, max_new_tokens), so the whole decode compiles
-once, however many tokens it produces. Prompts of different lengths are left
-padded; the cache's ``start`` hides the padding and shifts each row's positions, so every row
-sees exactly its own tokens.
+loop (:func:`jaxgpt.ops.decode_params`). The shapes depend only on (batch, prompt length,
+max_new_tokens), so the whole decode compiles once, however many tokens it produces.
+:func:`generate_ragged` left-pads prompts of different lengths; the cache's ``start`` hides the
+padding and shifts each row's positions, so every row sees exactly its own tokens.
 
 When prompt + new tokens no longer fit in ``context_length``, the book crops the input to its
 last ``context_length`` tokens. GPT-2's positional embeddings are absolute, so every cached key
@@ -26,7 +25,7 @@ from __future__ import annotations
 
 import functools
 import numbers
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -268,30 +267,61 @@ def _jitted_generate(backend: str) -> Callable[..., Array]:
     )
 
 
-def _as_prompts(ids: Any, vocab_size: int) -> tuple[list[np.ndarray], bool]:
-    """(B, T) array or a list of token-id sequences -> list of 1-D int32 rows, and whether it was ragged."""
-    ragged = isinstance(ids, (list, tuple)) and len(ids) > 0 and not np.isscalar(ids[0])
-    if ragged:
-        rows = []
-        for i, row in enumerate(ids):
-            arr = np.asarray(row)
-            if arr.ndim != 1 or arr.size == 0:
-                raise ValueError(f"ids[{i}] must be a non-empty sequence of token ids, got shape {arr.shape}")
-            rows.append(arr)
-    else:
-        arr = np.asarray(ids)
-        if arr.ndim != 2 or arr.shape[0] == 0 or arr.shape[1] == 0:
-            raise ValueError(
-                "ids must be a non-empty (B, T) array of token ids or a list of token-id lists, "
-                f"got shape {arr.shape}"
-            )
-        rows = list(arr)
+def _check_rows(rows: list[np.ndarray], name: str, vocab_size: int) -> list[np.ndarray]:
+    """Each prompt row must be integer token ids in [0, vocab_size); returned as int32."""
     for i, row in enumerate(rows):
         if not np.issubdtype(row.dtype, np.integer):
-            raise ValueError(f"ids must hold integer token ids, got dtype {row.dtype}")
+            raise ValueError(f"{name} must hold integer token ids, got dtype {row.dtype}")
         if row.min() < 0 or row.max() >= vocab_size:
-            raise ValueError(f"ids row {i} has token ids outside [0, vocab_size={vocab_size})")
-    return [row.astype(np.int32) for row in rows], ragged
+            raise ValueError(f"{name} row {i} has token ids outside [0, vocab_size={vocab_size})")
+    return [row.astype(np.int32) for row in rows]
+
+
+def _new_tokens(
+    params: Params,
+    cfg: GPTConfig,
+    rows: list[np.ndarray],
+    max_new_tokens: Any,
+    temperature: Any,
+    top_k: Any,
+    top_p: Any,
+    eos_id: Any,
+    key: Array | None,
+    callback: Callable[[Any, Any], None] | None,
+) -> Array:
+    """Prompt rows of any lengths -> their new tokens (B, max_new_tokens), after checking every argument."""
+    if not _is_int(max_new_tokens) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    temperature, top_k, top_p = _check_sampling_args(temperature, top_k, top_p, key, cfg.vocab_size)
+    if eos_id is not None and (not _is_int(eos_id) or not 0 <= eos_id < cfg.vocab_size):
+        raise ValueError(f"eos_id must be in [0, vocab_size={cfg.vocab_size}) or None, got {eos_id}")
+    max_new_tokens = int(max_new_tokens)
+    if max_new_tokens == 0:
+        return jnp.zeros((len(rows), 0), jnp.int32)
+    # Condition on each row's last context_length tokens; left-pad the rows to one length.
+    cropped = [row[-cfg.context_length :] for row in rows]
+    T = max(len(row) for row in cropped)
+    start = np.array([T - len(row) for row in cropped], np.int32)  # (B,) padding slots per row
+    prompt = np.zeros((len(rows), T), np.int32)
+    for i, row in enumerate(cropped):
+        prompt[i, start[i] :] = row
+    use_top_p = top_p is not None and top_p < 1.0
+    new = _jitted_generate(jax.default_backend())(
+        params,
+        jnp.asarray(prompt),
+        jnp.asarray(start),
+        key if key is not None else jax.random.key(0),
+        jnp.float32(temperature if temperature > 0 else 1.0),
+        jnp.float32(top_p if use_top_p else 1.0),
+        cfg=cfg,
+        max_new_tokens=max_new_tokens,
+        greedy=temperature == 0.0,
+        top_k=top_k,
+        use_top_p=use_top_p,
+        eos_id=None if eos_id is None else int(eos_id),
+        callback=callback,
+    )
+    return jnp.asarray(new, jnp.int32)
 
 
 def generate(
@@ -306,10 +336,13 @@ def generate(
     eos_id: int | None = None,
     key: Array | None = None,
     callback: Callable[[Any, Any], None] | None = None,
-) -> Array | list[list[int]]:
-    """Extend each prompt by up to ``max_new_tokens`` tokens (the book's ``generate``, 5.3.3).
+) -> Array:
+    """Extend each prompt of ``ids`` (B, T) by ``max_new_tokens`` tokens -> (B, T + max_new_tokens).
 
-    ids: a (B, T) array of token ids, or a list of B token-id lists of any lengths.
+    The book's ``generate`` (5.3.3), greedy by default as its ``generate_text_simple`` (4.7). A row
+    that produced ``eos_id`` continues with ``eos_id`` to the end, so the shape is always the
+    same; prompts of different lengths go to :func:`generate_ragged`.
+
     temperature: 0 = greedy (argmax); > 0 samples from softmax(logits / temperature) with ``key``.
     top_k: keep only the k largest logits before sampling. top_p: keep only the nucleus of
     probability mass ``top_p`` (applied after temperature and top-k).
@@ -317,52 +350,54 @@ def generate(
     sampling; step t draws with ``fold_in(key, t)``, so the same key gives the same tokens.
     callback: ``callback(t, tokens)`` is called on the host with each step's index and (B,)
     tokens as they are produced (for streaming); a new callback compiles anew.
-
-    Returns, for an array ``ids``, the (B, T + max_new_tokens) array of prompt and new tokens;
-    a row that produced ``eos_id`` continues with ``eos_id`` to the end. For a list ``ids``, a
-    list of B lists: each prompt followed by its new tokens, ending before the first ``eos_id``
-    (as the book's loop stops), so a row shorter than its prompt + ``max_new_tokens`` met eos.
-
     Each row conditions on its last ``context_length`` tokens, as the book crops the input.
     """
-    if not _is_int(max_new_tokens) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-    temperature, top_k, top_p = _check_sampling_args(temperature, top_k, top_p, key, cfg.vocab_size)
-    if eos_id is not None and (not _is_int(eos_id) or not 0 <= eos_id < cfg.vocab_size):
-        raise ValueError(f"eos_id must be in [0, vocab_size={cfg.vocab_size}) or None, got {eos_id}")
-    rows, ragged = _as_prompts(ids, cfg.vocab_size)
-    max_new_tokens = int(max_new_tokens)
-
-    if max_new_tokens == 0:
-        new = np.zeros((len(rows), 0), np.int32)
-    else:
-        # Condition on each row's last context_length tokens; left-pad the rows to one length.
-        cropped = [row[-cfg.context_length :] for row in rows]
-        T = max(len(row) for row in cropped)
-        start = np.array([T - len(row) for row in cropped], np.int32)  # (B,) padding slots per row
-        prompt = np.zeros((len(rows), T), np.int32)
-        for i, row in enumerate(cropped):
-            prompt[i, start[i] :] = row
-        use_top_p = top_p is not None and top_p < 1.0
-        new = _jitted_generate(jax.default_backend())(
-            params,
-            jnp.asarray(prompt),
-            jnp.asarray(start),
-            key if key is not None else jax.random.key(0),
-            jnp.float32(temperature if temperature > 0 else 1.0),
-            jnp.float32(top_p if use_top_p else 1.0),
-            cfg=cfg,
-            max_new_tokens=max_new_tokens,
-            greedy=temperature == 0.0,
-            top_k=top_k,
-            use_top_p=use_top_p,
-            eos_id=None if eos_id is None else int(eos_id),
-            callback=callback,
+    try:
+        arr = np.asarray(ids)
+    except ValueError:  # rows of different lengths
+        arr = np.empty((0,), object)
+    if arr.dtype == object or arr.ndim != 2 or arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise ValueError(
+            f"ids must be a non-empty (B, T) array of token ids, got shape {arr.shape}; "
+            "for prompts of different lengths use generate_ragged"
         )
+    rows = _check_rows(list(arr), "ids", cfg.vocab_size)
+    new = _new_tokens(params, cfg, rows, max_new_tokens, temperature, top_k, top_p, eos_id, key, callback)
+    return jnp.concatenate([jnp.asarray(np.stack(rows)), new], axis=1)
 
-    if not ragged:
-        return jnp.concatenate([jnp.asarray(np.stack(rows)), jnp.asarray(new, jnp.int32)], axis=1)
-    new = np.asarray(new)
+
+def generate_ragged(
+    params: Params,
+    cfg: GPTConfig,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_id: int | None = None,
+    key: Array | None = None,
+    callback: Callable[[Any, Any], None] | None = None,
+) -> list[list[int]]:
+    """Extend prompts of any lengths, B lists of token ids, by up to ``max_new_tokens`` tokens each.
+
+    Returns B lists: each prompt followed by its new tokens, ending before its first ``eos_id`` (as
+    the book's loop stops), so a row shorter than its prompt + ``max_new_tokens`` met eos. The
+    prompts are left-padded into one batch whose padding no row ever sees. The other arguments
+    are :func:`generate`'s.
+    """
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or not prompts:
+        raise ValueError("prompts must be a non-empty list of token-id lists")
+    rows = []
+    for i, prompt in enumerate(prompts):
+        arr = np.asarray(prompt)
+        if arr.ndim != 1 or arr.size == 0:
+            raise ValueError(f"prompts[{i}] must be a non-empty sequence of token ids, got shape {arr.shape}")
+        rows.append(arr)
+    rows = _check_rows(rows, "prompts", cfg.vocab_size)
+    new = np.asarray(
+        _new_tokens(params, cfg, rows, max_new_tokens, temperature, top_k, top_p, eos_id, key, callback)
+    )
     result = []
     for row, row_new in zip(rows, new, strict=True):
         if eos_id is not None and np.any(row_new == eos_id):
