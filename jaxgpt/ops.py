@@ -20,6 +20,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.extend
 import jax.numpy as jnp
 
 from jaxgpt.config import GPTConfig
@@ -321,8 +322,8 @@ def explicit_attention(
 
 def _cudnn_unavailable(head_dim: int) -> str | None:
     """Why cuDNN's flash attention cannot run on this GPU for ``head_dim``, or None when it can."""
-    device = jax.devices()[0]
-    if "cuda" not in getattr(device.client, "platform_version", "").lower():
+    device = jax.devices("gpu")[0]
+    if "cuda" not in jax.extend.backend.get_backend("gpu").platform_version.lower():
         return "the GPU is not driven by CUDA"
     capability = tuple(int(part) for part in str(getattr(device, "compute_capability", "0.0")).split("."))
     if capability < (8, 0):

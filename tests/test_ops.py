@@ -6,6 +6,7 @@ the plain logits loss, a float32 run), never against the code path it checks.
 """
 
 import math
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -249,6 +250,21 @@ def test_attention_runs_on_xla_off_a_bf16_gpu():
     assert attention_implementation("cpu", "bfloat16", 64) == "xla"
     assert attention_implementation("gpu", "float32", 64) == "xla"
     assert attention_implementation("tpu", "bfloat16", 64) == "xla"
+
+
+def test_a_bf16_gpu_that_cannot_use_cudnn_says_why_once(monkeypatch):
+    from jaxgpt import ops
+
+    monkeypatch.setattr(ops, "_cudnn_unavailable", lambda head_dim: f"head_dim {head_dim} is odd")
+    attention_implementation.cache_clear()
+    with pytest.warns(UserWarning, match="head_dim 65 is odd"):
+        assert attention_implementation("gpu", "bfloat16", 65) == "xla"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the second call is silent
+        assert attention_implementation("gpu", "bfloat16", 65) == "xla"
+    monkeypatch.setattr(ops, "_cudnn_unavailable", lambda head_dim: None)
+    assert attention_implementation("gpu", "bfloat16", 64) == "cudnn"
+    attention_implementation.cache_clear()
 
 
 def test_attention_layer_matches_a_numpy_reference():
