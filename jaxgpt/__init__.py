@@ -3,15 +3,22 @@
 Everything a user needs is re-exported here; params are plain pytrees and every step is a pure
 function of its inputs and an explicit ``jax.random`` key.
 
-``jaxgpt.generate`` is the generation function (its module is ``jaxgpt.generate`` in ``sys.modules``);
-``jaxgpt.train`` stays the training module, whose ``train`` is the book's ``train_model_simple``.
+``jaxgpt.generate`` and ``jaxgpt.generate_ragged`` are the generation functions of the module
+``jaxgpt.generation``; the speed devices behind the model are in ``jaxgpt.ops``.
 """
 
 from jaxgpt.checkpoint import load_checkpoint
 from jaxgpt.config import PRESETS, GPTConfig, backend_defaults, get_config
 from jaxgpt.data import DataLoader, create_dataloader, default_corpus, sliding_windows, train_val_split
 from jaxgpt.evaluate import perplexity, score_lambada, score_multiple_choice
-from jaxgpt.generate import apply_temperature, generate, sample_next_token, top_k_mask, top_p_mask
+from jaxgpt.generation import (
+    apply_temperature,
+    generate,
+    generate_ragged,
+    sample_next_token,
+    top_k_mask,
+    top_p_mask,
+)
 from jaxgpt.loss import calc_loss_batch, calc_loss_loader, cross_entropy
 from jaxgpt.model import GPTModel, count_params, init_cache, init_params
 from jaxgpt.pretrained import from_pretrained
@@ -58,6 +65,7 @@ __all__ = [
     "from_pretrained",
     "generate",
     "generate_and_print_sample",
+    "generate_ragged",
     "get_config",
     "get_tokenizer",
     "init_cache",

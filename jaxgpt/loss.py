@@ -12,7 +12,8 @@ import numpy as np
 import optax
 
 from jaxgpt.config import GPTConfig
-from jaxgpt.model import GPTModel, Params, _transposed
+from jaxgpt.model import GPTModel, Params
+from jaxgpt.ops import transposed
 
 Array = jax.Array
 
@@ -65,7 +66,7 @@ def _chunked_loss_and_grads(
         head_t = head.T  # (V, C), for d loss / d x
     else:  # cast once here, not in every chunk (XLA does not hoist it out of the scan)
         head = head.astype(jnp.bfloat16)
-        head_t = _transposed(head)
+        head_t = transposed(head)
     n_chunks = -(-N // chunk_rows)
     pad = n_chunks * chunk_rows - N
     xs = jnp.pad(x, ((0, pad), (0, 0))).reshape(n_chunks, chunk_rows, C)
@@ -85,7 +86,7 @@ def _chunked_loss_and_grads(
         one_hot = jnp.arange(logits.shape[-1])[None, :] == yc[:, None]  # (R, V)
         dlogits = (jnp.exp(logits - lse) - one_hot) * wc  # (R, V): d mean-loss / d logits
         dx = _mm(dlogits, head_t, dtype)  # (R, C)
-        dhead = dhead + _mm(_transposed(xc), dlogits, dtype)  # (C, V)
+        dhead = dhead + _mm(transposed(xc), dlogits, dtype)  # (C, V)
         return dhead, (loss_sum, dx)
 
     dhead0 = jnp.zeros(head.shape, jnp.float32) if with_grads else None
@@ -151,7 +152,7 @@ def dropout_rng(key: Array) -> Array:
     Flax derives one key per layer and dropout site from it (``split`` / ``fold_in``); with an
     "rbg" key each derivation is one small RngBitGenerator op, where threefry's is a chain of
     integer ops that XLA compiles anew at every site (seconds of the train step's compile time on
-    CPU). The masks themselves come from :func:`jaxgpt.model.keep_mask`. Same key in, same masks
+    CPU). The masks themselves come from :func:`jaxgpt.ops.keep_mask`. Same key in, same masks
     out, so training stays reproducible.
     """
     if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
@@ -175,7 +176,7 @@ def train_loss(
     # hidden: (B, T, C)
     if cfg.tie_embeddings:  # (C, V); bf16 matmuls on CPU need the transpose as a real copy
         embedding = params["tok_emb"]["embedding"]
-        head = embedding.T if cfg.dtype == "float32" else _transposed(embedding)
+        head = embedding.T if cfg.dtype == "float32" else transposed(embedding)
     else:
         head = params["out_head"]["kernel"]  # (C, V)
     return linear_cross_entropy(hidden, head, target_batch, cfg.dtype, vocab_size=cfg.vocab_size)

@@ -38,7 +38,7 @@ from jaxgpt import sharding
 from jaxgpt.checkpoint import CheckpointError, CheckpointManager
 from jaxgpt.config import FrozenConfig, GPTConfig
 from jaxgpt.data import DataLoader, sliding_windows, train_val_split
-from jaxgpt.generate import generate
+from jaxgpt.generation import generate
 from jaxgpt.loss import calc_loss_batch, train_loss
 from jaxgpt.model import Params, init_params
 from jaxgpt.tokenizer import EOT_TEXT, get_tokenizer, text_to_token_ids, token_ids_to_text

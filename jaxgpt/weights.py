@@ -38,7 +38,7 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from jaxgpt.config import GPTConfig
-from jaxgpt.model import pad_vocab
+from jaxgpt.ops import pad_vocab
 
 Params = dict[str, Any]
 ParamPath = tuple[str, ...]

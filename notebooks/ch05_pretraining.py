@@ -57,7 +57,7 @@ import jaxgpt.plot
 import jaxgpt.weights
 from jaxgpt import train as jt
 from jaxgpt.checkpoint import CheckpointManager, load_checkpoint
-from jaxgpt.generate import apply_temperature, sample_next_token, top_k_mask, top_p_mask
+from jaxgpt.generation import apply_temperature, sample_next_token, top_k_mask, top_p_mask
 from jaxgpt.plot import figure_dir, save_figure
 
 QUICK = os.environ.get("JAXGPT_QUICK", "0") == "1"
@@ -447,7 +447,7 @@ assert (
     abs(float(scaled[5.0][vocab.index("pizza")]) - 0.043) < 0.002
 )  # the book: "pizza" ~4% of the time at T=5
 
-# Sampling with jaxgpt.generate.sample_next_token, 5,000 draws per temperature.
+# Sampling with jaxgpt.generation.sample_next_token, 5,000 draws per temperature.
 n_draws = 5000
 counts = {}
 for i, T in enumerate(temperatures):

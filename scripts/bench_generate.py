@@ -89,7 +89,7 @@ def bench_jaxgpt(
     import jax
     import numpy as np
 
-    from jaxgpt.generate import generate
+    from jaxgpt.generation import generate
 
     ids = np.tile(np.asarray(prompt_ids, np.int32)[None], (batch_size, 1))  # (B, T)
     sample = {} if sampling is None else {**sampling, "key": jax.random.key(0)}

@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import jax
 
-    from jaxgpt.generate import generate
+    from jaxgpt.generation import generate_ragged
     from jaxgpt.tokenizer import EOT_ID, get_tokenizer
 
     try:
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     if streamer is not None:
         print(args.prompt, end="", flush=True)
     try:
-        out = generate(
+        out = generate_ragged(
             params,
             cfg,
             [prompt],

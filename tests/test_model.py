@@ -7,7 +7,6 @@ import pytest
 
 from jaxgpt.config import GPTConfig, get_config
 from jaxgpt.model import (
-    Dropout,
     FeedForward,
     GPTModel,
     LayerNorm,
@@ -16,8 +15,8 @@ from jaxgpt.model import (
     gelu,
     init_cache,
     init_params,
-    keep_mask,
 )
+from jaxgpt.ops import decode_params
 
 TINY = GPTConfig(
     vocab_size=97, context_length=16, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.0, qkv_bias=True
@@ -26,6 +25,12 @@ TINY = GPTConfig(
 
 def _logits(cfg, params, idx, **kw):
     return GPTModel(cfg).apply({"params": params}, jnp.asarray(idx, jnp.int32), **kw)
+
+
+def _cached_logits(cfg, params, idx, cache):
+    """GPTModel's decoding call: the params laid out for it, (logits, new cache)."""
+    model = GPTModel(cfg, decode=True)
+    return model.apply({"params": decode_params(params, cfg)}, jnp.asarray(idx, jnp.int32), cache=cache)
 
 
 @pytest.fixture(scope="module")
@@ -172,58 +177,6 @@ def test_dropout_only_in_training():
     np.testing.assert_array_equal(train1, train1_again)  # same key, same mask
 
 
-@pytest.mark.parametrize("keep_prob", [0.9, 0.5, 0.013])
-def test_keep_mask_keeps_each_element_with_probability_keep_prob(keep_prob):
-    shape = (8, 12, 64, 64)  # a batch of attention weights: 393,216 draws
-    mask = np.asarray(keep_mask(jax.random.key(3), shape, keep_prob))
-    assert mask.shape == shape and mask.dtype == bool
-    n = mask.size
-    sigma = math.sqrt(keep_prob * (1 - keep_prob) / n)
-    assert abs(mask.mean() - keep_prob) < 5 * sigma  # the overall rate
-    # ... and in every row of the batch, every head, and along the positions: no stripes or repeats
-    for axes in [(1, 2, 3), (0, 2, 3), (0, 1, 3), (0, 1, 2)]:
-        rates = mask.mean(axis=axes)
-        assert np.abs(rates - keep_prob).max() < 5 * sigma * math.sqrt(n / (n / rates.size))
-    flat = mask.reshape(shape[0], -1)
-    assert not (flat[1:] == flat[:1]).all(axis=1).any()  # batch rows differ
-    # neighbours are independent: P(both kept) = keep_prob**2 along every axis
-    for axis in range(4):
-        a, b = np.moveaxis(mask, axis, 0)[:-1], np.moveaxis(mask, axis, 0)[1:]
-        assert abs((a & b).mean() - keep_prob**2) < 5 * math.sqrt(keep_prob**2 * (1 - keep_prob**2) / a.size)
-
-
-def test_keep_mask_is_a_deterministic_function_of_the_key():
-    def draw(key):
-        return np.asarray(keep_mask(key, (4, 1000), 0.5))
-
-    np.testing.assert_array_equal(draw(jax.random.key(1)), draw(jax.random.key(1)))
-    np.testing.assert_array_equal(draw(jax.random.key(1, impl="rbg")), draw(jax.random.key(1, impl="rbg")))
-    masks = [draw(k) for k in (jax.random.key(1), jax.random.key(2), *jax.random.split(jax.random.key(1)))]
-    for i in range(len(masks)):
-        for j in range(i):  # different keys: agreement at chance level (1/2), not identical masks
-            assert 0.45 < (masks[i] == masks[j]).mean() < 0.55
-
-
-def test_keep_mask_shapes():
-    key = jax.random.key(0)
-    assert keep_mask(key, (), 0.5).shape == ()
-    assert keep_mask(key, (7,), 0.5).shape == (7,)
-    with pytest.raises(ValueError, match="2\\*\\*32"):
-        keep_mask(key, (1, 2**16, 2**16), 0.5)
-
-
-def test_dropout_module_is_torch_style_inverted_dropout():
-    x = jnp.arange(1, 20_001, dtype=jnp.float32).reshape(2, 10_000)
-    key = {"dropout": jax.random.key(0)}
-    out = np.asarray(Dropout(0.1).apply({}, x, deterministic=False, rngs=key))
-    kept = out != 0
-    np.testing.assert_allclose(out[kept], np.asarray(x)[kept] / 0.9, rtol=1e-6)  # survivors scaled by 1/(1-p)
-    assert abs(kept.mean() - 0.9) < 5 * math.sqrt(0.09 / kept.size)
-    np.testing.assert_array_equal(Dropout(0.1).apply({}, x, deterministic=True), x)  # evaluation: identity
-    np.testing.assert_array_equal(Dropout(0.0).apply({}, x, deterministic=False, rngs=key), x)
-    np.testing.assert_array_equal(Dropout(1.0).apply({}, x, deterministic=False, rngs=key), np.zeros_like(x))
-
-
 def test_training_without_a_dropout_key_is_an_error(tiny_params):
     cfg = TINY.replace(drop_rate=0.1)
     with pytest.raises(Exception, match="dropout"):
@@ -259,7 +212,7 @@ def test_a_padded_vocabulary_changes_nothing_a_user_sees(tie, tiny_params):
     idx = np.arange(10)[None] % TINY.vocab_size
     np.testing.assert_allclose(_logits(padded_cfg, padded, idx), _logits(cfg, params, idx), atol=1e-6)
     cache = init_cache(padded_cfg, batch_size=1, size=12)
-    logits, _ = _logits(padded_cfg, padded, idx, cache=cache)
+    logits, _ = _cached_logits(padded_cfg, padded, idx, cache)
     assert logits.shape == (1, 10, TINY.vocab_size)  # V wide, with or without a cache
 
 
@@ -267,10 +220,10 @@ def test_cache_gives_the_same_logits_as_a_full_pass(tiny_params):
     idx = jnp.asarray(np.random.default_rng(1).integers(0, TINY.vocab_size, (2, 9)), jnp.int32)
     full = _logits(TINY, tiny_params, idx)
     cache = init_cache(TINY, batch_size=2, size=12)
-    first, cache = _logits(TINY, tiny_params, idx[:, :5], cache=cache)
+    first, cache = _cached_logits(TINY, tiny_params, idx[:, :5], cache)
     pieces = [first]
     for t in range(5, 9):
-        step, cache = _logits(TINY, tiny_params, idx[:, t : t + 1], cache=cache)
+        step, cache = _cached_logits(TINY, tiny_params, idx[:, t : t + 1], cache)
         pieces.append(step)
     np.testing.assert_allclose(np.concatenate(pieces, axis=1), full, atol=1e-5)
     assert int(cache["index"]) == 9
@@ -282,8 +235,61 @@ def test_left_padded_row_matches_the_unpadded_sequence(tiny_params):
     pad = 3
     padded = np.concatenate([np.zeros(pad, np.int32), seq])[None]  # (1, 8)
     cache = init_cache(TINY, batch_size=1, size=10, start=[pad])
-    out, _ = _logits(TINY, tiny_params, padded, cache=cache)
+    out, _ = _cached_logits(TINY, tiny_params, padded, cache)
     np.testing.assert_allclose(out[:, pad:], alone, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "tie, qkv_bias, dtype, pad",
+    [
+        (True, False, "float32", 1),
+        (False, True, "float32", 1),
+        (True, True, "bfloat16", 1),
+        (False, False, "float32", 24),
+    ],
+)
+def test_decoding_token_by_token_gives_the_uncached_logits(tie, qkv_bias, dtype, pad):
+    """GPTModel(decode=True) over a KV cache, a prompt then one token per call with a left-padded
+    row, equals the plain forward pass of each row on its own (the scan over stacked params)."""
+    cfg = TINY.replace(tie_embeddings=tie, qkv_bias=qkv_bias, dtype=dtype, vocab_pad_multiple=pad)
+    params = init_params(cfg, jax.random.key(8))
+    rows = np.random.default_rng(2).integers(0, cfg.vocab_size, (2, 9)).astype(np.int32)
+    start = np.array([0, 3], np.int32)  # row 1: three padding slots, then its last six tokens
+    ids = rows.copy()
+    ids[1, :3] = 0
+    cache = init_cache(cfg, batch_size=2, size=10, start=start)
+    first, cache = _cached_logits(cfg, params, ids[:, :5], cache)
+    pieces = [first]
+    for t in range(5, 9):
+        step, cache = _cached_logits(cfg, params, ids[:, t : t + 1], cache)
+        pieces.append(step)
+    cached = np.concatenate(pieces, axis=1)  # (2, 9, V)
+    atol = 1e-5 if dtype == "float32" else 3e-2
+    np.testing.assert_allclose(cached[:1], _logits(cfg, params, rows[:1]), atol=atol)
+    np.testing.assert_allclose(cached[1:, 3:], _logits(cfg, params, rows[1:, 3:]), atol=atol)
+    assert int(cache["index"]) == 9 and len(cache["k"]) == cfg.n_layers
+
+
+def test_decode_params_have_the_layout_the_decoding_model_declares(tiny_params):
+    cfg = TINY.replace(tie_embeddings=False)
+    params = init_params(cfg, jax.random.key(0))
+    cache = init_cache(cfg, batch_size=1, size=4)
+    declared = jax.eval_shape(
+        lambda: GPTModel(cfg, decode=True).init(jax.random.key(0), jnp.zeros((1, 2), jnp.int32), cache=cache)
+    )["params"]
+    laid_out = decode_params(params, cfg)
+    assert jax.tree_util.tree_structure(laid_out) == jax.tree_util.tree_structure(declared)
+    for got, want in zip(
+        jax.tree_util.tree_leaves(laid_out), jax.tree_util.tree_leaves(declared), strict=True
+    ):
+        assert got.shape == want.shape
+    w = np.asarray(params["trf_blocks"]["att"]["W_query"]["kernel"][1])  # layer 1, (in, out)
+    np.testing.assert_array_equal(laid_out["trf_blocks_1"]["att"]["W_query"]["kernel"], w.T)
+
+
+def test_a_cache_needs_the_decoding_model(tiny_params):
+    with pytest.raises(ValueError, match="decode=True"):
+        _logits(TINY, tiny_params, np.zeros((1, 3)), cache=init_cache(TINY, 1, 4))
 
 
 def test_unrolled_and_rematerialised_stacks_match_the_scan(tiny_params):

@@ -16,7 +16,7 @@ import pytest
 from safetensors.numpy import load_file
 from scripts_loader import load_script
 
-from jaxgpt.generate import generate
+from jaxgpt.generation import generate
 from jaxgpt.loss import cross_entropy
 from jaxgpt.model import GPTModel
 from jaxgpt.weights import load_hf_gpt2, params_from_hf, params_to_hf

@@ -11,7 +11,7 @@ import pytest
 from flax.traverse_util import flatten_dict
 
 from jaxgpt.config import PRESETS, GPTConfig
-from jaxgpt.generate import generate
+from jaxgpt.generation import generate
 from jaxgpt.model import GPTModel, init_params
 from jaxgpt.weights import book_state_dict, load_book_state_dict, save_book_state_dict, save_hf_gpt2
 

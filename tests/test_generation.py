@@ -1,15 +1,13 @@
-import importlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import jaxgpt
+from jaxgpt import generation as gen
 from jaxgpt.config import GPTConfig
-from jaxgpt.generate import generate, sample_next_token, top_k_mask, top_p_mask
-from jaxgpt.model import GPTModel, init_cache, init_params
-
-gen = importlib.import_module("jaxgpt.generate")  # the module; `jaxgpt.generate` is also the function
+from jaxgpt.generation import generate, generate_ragged, sample_next_token, top_k_mask, top_p_mask
+from jaxgpt.model import GPTModel, init_params
 
 CFG = GPTConfig(vocab_size=61, context_length=8, emb_dim=16, n_heads=2, n_layers=2, drop_rate=0.0)
 
@@ -66,7 +64,7 @@ def test_greedy_batch_matches_the_uncached_reference_near_the_context_limit(para
 def test_prompts_of_different_lengths_each_match_their_own_generation(params):
     rng = np.random.default_rng(7)
     prompts = [rng.integers(0, CFG.vocab_size, size).tolist() for size in (2, 6, 4, 10)]
-    out = generate(params, CFG, prompts, max_new_tokens=5)  # the 6- and 10-token rows overflow the context
+    out = generate_ragged(params, CFG, prompts, max_new_tokens=5)  # rows of 6 and 10 overflow the context
     assert isinstance(out, list) and len(out) == 4
     for prompt, row in zip(prompts, out, strict=True):
         expected = _reference_greedy(params, CFG, np.array([prompt], np.int32), 5)[0]
@@ -74,7 +72,7 @@ def test_prompts_of_different_lengths_each_match_their_own_generation(params):
 
 
 def test_decoding_compiles_once_whatever_the_number_of_tokens(params, monkeypatch):
-    """The model is traced for the prefill, one decode step and one sliding-window step, never per token."""
+    """GPTModel is traced for the prefill, one decode step and one sliding-window step, never per token."""
     traces = []
 
     def counting(name, fn):
@@ -84,49 +82,18 @@ def test_decoding_compiles_once_whatever_the_number_of_tokens(params, monkeypatc
 
         return wrapper
 
-    monkeypatch.setattr(gen, "_apply", counting("full", gen._apply))
-    monkeypatch.setattr(gen, "_decode_step", counting("step", gen._decode_step))
+    monkeypatch.setattr(gen, "_apply", counting("model", gen._apply))
     jitted = gen._jitted_generate(jax.default_backend())
     jitted.clear_cache()
     prompt = np.array([[1, 2, 3]], np.int32)
     generate(params, CFG, prompt, 12)  # 6 tokens from the cache, then 6 past the context of 8
-    assert traces == ["full", "step", "full"]  # prefill, decode step, window step
+    assert traces == ["model"] * 3  # prefill, decode step, window step: one forward pass each
     generate(params, CFG, prompt[:, ::-1], 12)
     sample = dict(top_k=5, key=jax.random.key(0))
     generate(params, CFG, prompt, 12, temperature=0.7, **sample)
     generate(params, CFG, prompt, 12, temperature=1.3, **sample)  # the temperature is traced, not static
     assert jitted._cache_size() == 2  # one greedy, one sampling program
     assert len(traces) == 6
-
-
-@pytest.mark.parametrize(
-    "tie, qkv_bias, dtype", [(True, False, "float32"), (False, True, "float32"), (True, True, "bfloat16")]
-)
-def test_decode_step_gives_the_models_cached_logits(tie, qkv_bias, dtype):
-    """The per-layer decode step is the model's cached one-token call, left padding included.
-
-    The step reads the weights generate prepares (bfloat16 ones cast once), and takes each layer's
-    cache as the model holds it, (B, n_heads, S, head_dim), or as the decode loop carries it,
-    (B * n_heads, S, head_dim); it returns the cache in the layout it got.
-    """
-    cfg = CFG.replace(tie_embeddings=tie, qkv_bias=qkv_bias, context_length=12, dtype=dtype)
-    p = init_params(cfg, jax.random.key(8))
-    start = jnp.array([0, 3], jnp.int32)
-    prompt = jnp.asarray(np.random.default_rng(2).integers(0, cfg.vocab_size, (2, 6)), jnp.int32)
-    model = GPTModel(cfg)
-    _, cache = model.apply({"params": p}, prompt, cache=init_cache(cfg, 2, 10, start))
-    tok = jnp.array([5, 17], jnp.int32)
-    expected, expected_cache = model.apply({"params": p}, tok[:, None], cache=cache)
-    layers, head = gen._decode_weights(p, cfg)
-    L, B, H, S, hd = cache["k"].shape
-    for shape in ((B, H, S, hd), (B * H, S, hd)):
-        kvs = [{name: cache[name][i].reshape(shape) for name in ("k", "v")} for i in range(L)]
-        logits, new_kvs = gen._decode_step(p, layers, head, cfg, tok, kvs, jnp.int32(6), start)
-        np.testing.assert_allclose(logits, expected[:, -1], atol=1e-5)
-        for name in ("k", "v"):
-            new = jnp.stack([kv[name] for kv in new_kvs])
-            assert new.shape == (L, *shape)
-            np.testing.assert_allclose(new.reshape(L, B, H, S, hd), expected_cache[name], atol=1e-6)
 
 
 @pytest.mark.parametrize("batch_size", [1, 3])
@@ -158,7 +125,7 @@ def test_rows_stop_at_eos_and_then_repeat_it(params):
     reference = _reference_greedy(params, CFG, prompt, 4)
     eos = int(reference[0, 4])  # the second token row 0 produces
     out = np.asarray(generate(params, CFG, prompt, 4, eos_id=eos))
-    lists = generate(params, CFG, prompt.tolist(), 4, eos_id=eos)
+    lists = generate_ragged(params, CFG, prompt.tolist(), 4, eos_id=eos)
     for i in range(2):
         new = reference[i, 3:].copy()
         hits = np.flatnonzero(new == eos)
@@ -171,7 +138,7 @@ def test_rows_stop_at_eos_and_then_repeat_it(params):
 def test_generation_ends_early_when_every_row_has_met_eos(params):
     prompt = np.array([[1, 2, 3]], np.int32)
     eos = int(_reference_greedy(params, CFG, prompt, 1)[0, 3])  # the very first new token
-    out = generate(params, CFG, prompt.tolist(), 50, eos_id=eos)
+    out = generate_ragged(params, CFG, prompt.tolist(), 50, eos_id=eos)
     assert out == [[1, 2, 3]]
 
 
@@ -324,10 +291,27 @@ def test_invalid_arguments_name_the_argument(params, kwargs, name):
         generate(params, CFG, np.array([[1, 2]], np.int32), **kwargs)
 
 
-@pytest.mark.parametrize("ids", [np.zeros((1, 0), np.int32), [[1, 2], []], [1, 2, 3], np.array([[1, 61]])])
+@pytest.mark.parametrize(
+    "ids", [np.zeros((1, 0), np.int32), [[1, 2], []], [[1, 2], [3]], [1, 2, 3], np.array([[1, 61]])]
+)
 def test_empty_or_malformed_prompts_are_rejected(params, ids):
     with pytest.raises(ValueError, match="ids"):
         generate(params, CFG, ids, 3)
+
+
+@pytest.mark.parametrize("prompts", [[], [[1, 2], []], [1, 2, 3], [[1, 61]], "abc"])
+def test_empty_or_malformed_ragged_prompts_are_rejected(params, prompts):
+    with pytest.raises(ValueError, match="prompts"):
+        generate_ragged(params, CFG, prompts, 3)
+
+
+def test_generate_always_returns_an_array_and_generate_ragged_lists(params):
+    out = generate(params, CFG, [[1, 2, 3], [4, 5, 6]], 2)  # equal lengths as lists: still (B, T + n)
+    assert isinstance(out, jax.Array) and out.shape == (2, 5)
+    lists = generate_ragged(params, CFG, [[1, 2, 3], [4, 5, 6]], 2)
+    assert lists == np.asarray(out).tolist()
+    assert jaxgpt.generate is generate and jaxgpt.generate_ragged is generate_ragged
+    assert jaxgpt.generation is gen  # the module keeps its own name
 
 
 def test_zero_new_tokens_returns_the_prompt(params):

@@ -7,11 +7,11 @@ temperature of 0 means greedy decoding (argmax), the book's ``generate_text_simp
 
 :func:`generate` runs the model the way a JAX user expects: one prefill pass writes the
 prompt into a preallocated key/value cache, then a single jitted ``lax.while_loop`` feeds one
-token per step (through per-layer weights split once before the loop, see :func:`_decode_step`).
-The shapes depend only on (batch, prompt length, max_new_tokens), so the whole decode compiles
-once, however many tokens it produces. Prompts of different lengths are left
-padded; the cache's ``start`` hides the padding and shifts each row's positions, so every row
-sees exactly its own tokens.
+token per step, both through ``GPTModel(cfg, decode=True)`` over weights laid out once before the
+loop (:func:`jaxgpt.ops.decode_params`). The shapes depend only on (batch, prompt length,
+max_new_tokens), so the whole decode compiles once, however many tokens it produces.
+:func:`generate_ragged` left-pads prompts of different lengths; the cache's ``start`` hides the
+padding and shifts each row's positions, so every row sees exactly its own tokens.
 
 When prompt + new tokens no longer fit in ``context_length``, the book crops the input to its
 last ``context_length`` tokens. GPT-2's positional embeddings are absolute, so every cached key
@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import functools
 import numbers
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -33,7 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxgpt.config import GPTConfig
-from jaxgpt.model import GPTModel, KVCache, LayerNorm, Params, TransformerBlock, init_cache, matmul_rows
+from jaxgpt.model import GPTModel, KVCache, Params, init_cache
+from jaxgpt.ops import decode_params
 from jaxgpt.xla import compiler_options
 
 Array = jax.Array
@@ -175,80 +176,13 @@ def sample_next_token(
 
 
 def _apply(params: Params, cfg: GPTConfig, idx: Array, cache: KVCache) -> tuple[Array, KVCache]:
-    """One model call with a cache: idx (B, T) -> last position's logits (B, V) and the new cache."""
-    logits, cache = GPTModel(cfg).apply({"params": params}, idx, cache=cache)
+    """One model call with a cache: idx (B, T) -> last position's logits (B, V) and the new cache.
+
+    ``params`` in the layout of :func:`jaxgpt.ops.decode_params`; every call of the decode runs
+    through here, so the prefill, each decode step and each sliding-window step are one forward pass.
+    """
+    logits, cache = GPTModel(cfg, decode=True).apply({"params": params}, idx, cache=cache)
     return logits[:, -1, :], cache
-
-
-def _split_layers(stacked: Any, n_layers: int) -> list[Any]:
-    """A tree whose leaves have a leading layer axis L -> a list of L per-layer trees."""
-    return [jax.tree_util.tree_map(lambda a, i=i: a[i], stacked) for i in range(n_layers)]
-
-
-def _to_bf16_if_matrix(a: Array) -> Array:
-    return a.astype(jnp.bfloat16) if a.ndim == 2 else a  # matmul kernels; norms and biases stay float32
-
-
-def _as_rows(tree: Any) -> Any:
-    """Each ``Linear``'s ``kernel`` (in, out) in a param tree -> ``kernel_rows`` (out, in)."""
-    if not isinstance(tree, Mapping):
-        return tree
-    return {
-        ("kernel_rows" if name == "kernel" else name): (value.T if name == "kernel" else _as_rows(value))
-        for name, value in tree.items()
-    }
-
-
-def _decode_weights(params: Params, cfg: GPTConfig) -> tuple[list[Params], Array]:
-    """The weights :func:`_decode_step` reads: per-layer params and the head's rows (V, C).
-
-    Done once before the decode loop: the layers are split out of the stacked params and every
-    matrix is laid out as rows, one per output (see :func:`jaxgpt.model.matmul_rows`). With
-    bfloat16 matmuls the matrices are cast here too, not on every token.
-    """
-    layers = _split_layers(params["trf_blocks"], cfg.n_layers)
-    head = params["tok_emb"]["embedding"] if cfg.tie_embeddings else params["out_head"]["kernel"].T  # (V, C)
-    if cfg.dtype != "float32":
-        layers = [jax.tree_util.tree_map(_to_bf16_if_matrix, layer) for layer in layers]
-        head = head.astype(jnp.bfloat16)
-    return [_as_rows(layer) for layer in layers], head
-
-
-def _decode_step(
-    params: Params,
-    layers: list[Params],
-    head: Array,
-    cfg: GPTConfig,
-    tok: Array,
-    kvs: list[KVCache],
-    index: Array,
-    start: Array,
-) -> tuple[Array, list[KVCache]]:
-    """One new token per row, (B,) -> next-token logits (B, V) and the updated per-layer caches.
-
-    ``head`` (V, C) holds the logits matrix as rows: the token embedding itself (tied) or
-    ``out_head`` transposed; like every matrix of ``layers`` it is read by
-    :func:`jaxgpt.model.matmul_rows`.
-
-    The same computation as ``GPTModel``'s cached call for one token (tested equal), with the
-    model's own ``TransformerBlock`` and ``LayerNorm``, but run over per-layer params and caches
-    split once before the decode loop. Under ``nn.scan`` every step slices each layer's weights
-    out of the stacked params, which on CPU copies them: at B=1 that doubled the time per token.
-    """
-    S = kvs[0]["k"].shape[-2]
-    k_slot = jnp.arange(S)  # (S,)
-    mask = (k_slot[None, :] <= index) & (k_slot[None, :] >= start[:, None])  # (B, S): causal, not padding
-    mask = mask[:, None, None, :]  # (B, 1, 1, S)
-    position = jnp.maximum(index - start, 0)  # (B,): left padding shifts positions
-    x = params["tok_emb"]["embedding"][tok] + params["pos_emb"]["embedding"][position]  # (B, C)
-    x = x[:, None, :]  # (B, 1, C)
-    new_kvs = []
-    for layer, kv in zip(layers, kvs, strict=True):
-        x, kv = TransformerBlock(cfg).apply({"params": layer}, x, kv, mask, index)
-        new_kvs.append(kv)
-    x = LayerNorm(cfg.emb_dim).apply({"params": params["final_norm"]}, x)[:, 0]  # (B, C)
-    logits = matmul_rows(x, head, cfg.dtype)  # (B, V)
-    return logits[:, : cfg.vocab_size], new_kvs  # no padding's logits
 
 
 def _generate_padded(
@@ -289,28 +223,20 @@ def _generate_padded(
     def running(t: Array, done: Array, stop: int) -> Array:
         return (t < stop) & ~jnp.all(done) if eos_id is not None else t < stop
 
+    params = decode_params(params, cfg)  # once, outside the loop
     # Prefill: the whole (padded) prompt in one pass; every row's last real token sits at slot T - 1.
-    cache = init_cache(cfg, B, size, start)
-    logits, cache = _apply(params, cfg, prompt, cache)
+    logits, cache = _apply(params, cfg, prompt, init_cache(cfg, B, size, start))
     tok, done = pick(logits, jnp.int32(0), jnp.zeros((B,), bool))
     out = jnp.full((B, N), pad, jnp.int32).at[:, 0].set(tok)  # (B, N)
 
-    layers, head = _decode_weights(params, cfg)  # once, outside the loop
-    # per layer, with the heads folded into the batch as attention updates and reads them
-    kvs = [
-        {name: cache[name][i].reshape(B * cfg.n_heads, size, cfg.head_dim) for name in ("k", "v")}
-        for i in range(cfg.n_layers)
-    ]  # each (B * n_heads, S, head_dim)
-
     def cached_step(carry):
-        t, tok, kvs, out, done = carry
-        index = T + t - 1  # token t-1 goes into this slot
-        logits, kvs = _decode_step(params, layers, head, cfg, tok, kvs, index, start)
+        t, tok, cache, out, done = carry  # token t-1 goes into slot cache["index"] = T + t - 1
+        logits, cache = _apply(params, cfg, tok[:, None], cache)
         tok, done = pick(logits, t, done)
-        return t + 1, tok, kvs, jax.lax.dynamic_update_slice(out, tok[:, None], (0, t)), done
+        return t + 1, tok, cache, jax.lax.dynamic_update_slice(out, tok[:, None], (0, t)), done
 
-    t, tok, kvs, out, done = jax.lax.while_loop(
-        lambda c: running(c[0], c[4], n_cached), cached_step, (jnp.int32(1), tok, kvs, out, done)
+    t, tok, cache, out, done = jax.lax.while_loop(
+        lambda c: running(c[0], c[4], n_cached), cached_step, (jnp.int32(1), tok, cache, out, done)
     )
     if N == n_cached:
         return out
@@ -341,30 +267,61 @@ def _jitted_generate(backend: str) -> Callable[..., Array]:
     )
 
 
-def _as_prompts(ids: Any, vocab_size: int) -> tuple[list[np.ndarray], bool]:
-    """(B, T) array or a list of token-id sequences -> list of 1-D int32 rows, and whether it was ragged."""
-    ragged = isinstance(ids, (list, tuple)) and len(ids) > 0 and not np.isscalar(ids[0])
-    if ragged:
-        rows = []
-        for i, row in enumerate(ids):
-            arr = np.asarray(row)
-            if arr.ndim != 1 or arr.size == 0:
-                raise ValueError(f"ids[{i}] must be a non-empty sequence of token ids, got shape {arr.shape}")
-            rows.append(arr)
-    else:
-        arr = np.asarray(ids)
-        if arr.ndim != 2 or arr.shape[0] == 0 or arr.shape[1] == 0:
-            raise ValueError(
-                "ids must be a non-empty (B, T) array of token ids or a list of token-id lists, "
-                f"got shape {arr.shape}"
-            )
-        rows = list(arr)
+def _check_rows(rows: list[np.ndarray], name: str, vocab_size: int) -> list[np.ndarray]:
+    """Each prompt row must be integer token ids in [0, vocab_size); returned as int32."""
     for i, row in enumerate(rows):
         if not np.issubdtype(row.dtype, np.integer):
-            raise ValueError(f"ids must hold integer token ids, got dtype {row.dtype}")
+            raise ValueError(f"{name} must hold integer token ids, got dtype {row.dtype}")
         if row.min() < 0 or row.max() >= vocab_size:
-            raise ValueError(f"ids row {i} has token ids outside [0, vocab_size={vocab_size})")
-    return [row.astype(np.int32) for row in rows], ragged
+            raise ValueError(f"{name} row {i} has token ids outside [0, vocab_size={vocab_size})")
+    return [row.astype(np.int32) for row in rows]
+
+
+def _new_tokens(
+    params: Params,
+    cfg: GPTConfig,
+    rows: list[np.ndarray],
+    max_new_tokens: Any,
+    temperature: Any,
+    top_k: Any,
+    top_p: Any,
+    eos_id: Any,
+    key: Array | None,
+    callback: Callable[[Any, Any], None] | None,
+) -> Array:
+    """Prompt rows of any lengths -> their new tokens (B, max_new_tokens), after checking every argument."""
+    if not _is_int(max_new_tokens) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    temperature, top_k, top_p = _check_sampling_args(temperature, top_k, top_p, key, cfg.vocab_size)
+    if eos_id is not None and (not _is_int(eos_id) or not 0 <= eos_id < cfg.vocab_size):
+        raise ValueError(f"eos_id must be in [0, vocab_size={cfg.vocab_size}) or None, got {eos_id}")
+    max_new_tokens = int(max_new_tokens)
+    if max_new_tokens == 0:
+        return jnp.zeros((len(rows), 0), jnp.int32)
+    # Condition on each row's last context_length tokens; left-pad the rows to one length.
+    cropped = [row[-cfg.context_length :] for row in rows]
+    T = max(len(row) for row in cropped)
+    start = np.array([T - len(row) for row in cropped], np.int32)  # (B,) padding slots per row
+    prompt = np.zeros((len(rows), T), np.int32)
+    for i, row in enumerate(cropped):
+        prompt[i, start[i] :] = row
+    use_top_p = top_p is not None and top_p < 1.0
+    new = _jitted_generate(jax.default_backend())(
+        params,
+        jnp.asarray(prompt),
+        jnp.asarray(start),
+        key if key is not None else jax.random.key(0),
+        jnp.float32(temperature if temperature > 0 else 1.0),
+        jnp.float32(top_p if use_top_p else 1.0),
+        cfg=cfg,
+        max_new_tokens=max_new_tokens,
+        greedy=temperature == 0.0,
+        top_k=top_k,
+        use_top_p=use_top_p,
+        eos_id=None if eos_id is None else int(eos_id),
+        callback=callback,
+    )
+    return jnp.asarray(new, jnp.int32)
 
 
 def generate(
@@ -379,10 +336,13 @@ def generate(
     eos_id: int | None = None,
     key: Array | None = None,
     callback: Callable[[Any, Any], None] | None = None,
-) -> Array | list[list[int]]:
-    """Extend each prompt by up to ``max_new_tokens`` tokens (the book's ``generate``, 5.3.3).
+) -> Array:
+    """Extend each prompt of ``ids`` (B, T) by ``max_new_tokens`` tokens -> (B, T + max_new_tokens).
 
-    ids: a (B, T) array of token ids, or a list of B token-id lists of any lengths.
+    The book's ``generate`` (5.3.3), greedy by default as its ``generate_text_simple`` (4.7). A row
+    that produced ``eos_id`` continues with ``eos_id`` to the end, so the shape is always the
+    same; prompts of different lengths go to :func:`generate_ragged`.
+
     temperature: 0 = greedy (argmax); > 0 samples from softmax(logits / temperature) with ``key``.
     top_k: keep only the k largest logits before sampling. top_p: keep only the nucleus of
     probability mass ``top_p`` (applied after temperature and top-k).
@@ -390,52 +350,54 @@ def generate(
     sampling; step t draws with ``fold_in(key, t)``, so the same key gives the same tokens.
     callback: ``callback(t, tokens)`` is called on the host with each step's index and (B,)
     tokens as they are produced (for streaming); a new callback compiles anew.
-
-    Returns, for an array ``ids``, the (B, T + max_new_tokens) array of prompt and new tokens;
-    a row that produced ``eos_id`` continues with ``eos_id`` to the end. For a list ``ids``, a
-    list of B lists: each prompt followed by its new tokens, ending before the first ``eos_id``
-    (as the book's loop stops), so a row shorter than its prompt + ``max_new_tokens`` met eos.
-
     Each row conditions on its last ``context_length`` tokens, as the book crops the input.
     """
-    if not _is_int(max_new_tokens) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-    temperature, top_k, top_p = _check_sampling_args(temperature, top_k, top_p, key, cfg.vocab_size)
-    if eos_id is not None and (not _is_int(eos_id) or not 0 <= eos_id < cfg.vocab_size):
-        raise ValueError(f"eos_id must be in [0, vocab_size={cfg.vocab_size}) or None, got {eos_id}")
-    rows, ragged = _as_prompts(ids, cfg.vocab_size)
-    max_new_tokens = int(max_new_tokens)
-
-    if max_new_tokens == 0:
-        new = np.zeros((len(rows), 0), np.int32)
-    else:
-        # Condition on each row's last context_length tokens; left-pad the rows to one length.
-        cropped = [row[-cfg.context_length :] for row in rows]
-        T = max(len(row) for row in cropped)
-        start = np.array([T - len(row) for row in cropped], np.int32)  # (B,) padding slots per row
-        prompt = np.zeros((len(rows), T), np.int32)
-        for i, row in enumerate(cropped):
-            prompt[i, start[i] :] = row
-        use_top_p = top_p is not None and top_p < 1.0
-        new = _jitted_generate(jax.default_backend())(
-            params,
-            jnp.asarray(prompt),
-            jnp.asarray(start),
-            key if key is not None else jax.random.key(0),
-            jnp.float32(temperature if temperature > 0 else 1.0),
-            jnp.float32(top_p if use_top_p else 1.0),
-            cfg=cfg,
-            max_new_tokens=max_new_tokens,
-            greedy=temperature == 0.0,
-            top_k=top_k,
-            use_top_p=use_top_p,
-            eos_id=None if eos_id is None else int(eos_id),
-            callback=callback,
+    try:
+        arr = np.asarray(ids)
+    except ValueError:  # rows of different lengths
+        arr = np.empty((0,), object)
+    if arr.dtype == object or arr.ndim != 2 or arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise ValueError(
+            f"ids must be a non-empty (B, T) array of token ids, got shape {arr.shape}; "
+            "for prompts of different lengths use generate_ragged"
         )
+    rows = _check_rows(list(arr), "ids", cfg.vocab_size)
+    new = _new_tokens(params, cfg, rows, max_new_tokens, temperature, top_k, top_p, eos_id, key, callback)
+    return jnp.concatenate([jnp.asarray(np.stack(rows)), new], axis=1)
 
-    if not ragged:
-        return jnp.concatenate([jnp.asarray(np.stack(rows)), jnp.asarray(new, jnp.int32)], axis=1)
-    new = np.asarray(new)
+
+def generate_ragged(
+    params: Params,
+    cfg: GPTConfig,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_id: int | None = None,
+    key: Array | None = None,
+    callback: Callable[[Any, Any], None] | None = None,
+) -> list[list[int]]:
+    """Extend prompts of any lengths, B lists of token ids, by up to ``max_new_tokens`` tokens each.
+
+    Returns B lists: each prompt followed by its new tokens, ending before its first ``eos_id`` (as
+    the book's loop stops), so a row shorter than its prompt + ``max_new_tokens`` met eos. The
+    prompts are left-padded into one batch whose padding no row ever sees. The other arguments
+    are :func:`generate`'s.
+    """
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or not prompts:
+        raise ValueError("prompts must be a non-empty list of token-id lists")
+    rows = []
+    for i, prompt in enumerate(prompts):
+        arr = np.asarray(prompt)
+        if arr.ndim != 1 or arr.size == 0:
+            raise ValueError(f"prompts[{i}] must be a non-empty sequence of token ids, got shape {arr.shape}")
+        rows.append(arr)
+    rows = _check_rows(rows, "prompts", cfg.vocab_size)
+    new = np.asarray(
+        _new_tokens(params, cfg, rows, max_new_tokens, temperature, top_k, top_p, eos_id, key, callback)
+    )
     result = []
     for row, row_new in zip(rows, new, strict=True):
         if eos_id is not None and np.any(row_new == eos_id):

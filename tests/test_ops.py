@@ -1,10 +1,12 @@
-"""The speed options compute the same model: bf16 matmuls, the fused attention call, the chunked loss.
+"""The speed devices of jaxgpt.ops compute what the book computes: bf16 matmuls, the decode
+matmul, hash dropout, the float32 GELU, the fused attention, and the chunked loss built on them.
 
 Each test compares against an independent computation (NumPy, the book's step-by-step attention,
 the plain logits loss, a float32 run), never against the code path it checks.
 """
 
 import math
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -14,14 +16,20 @@ import pytest
 
 from jaxgpt.config import GPTConfig
 from jaxgpt.loss import cross_entropy, dropout_rng, linear_cross_entropy, train_loss
-from jaxgpt.model import (
-    GPTModel,
-    MultiHeadAttention,
-    _attention_with_dropout,
-    _bf16_matmul,
-    _fused_attention,
-    _transposed,
-    init_params,
+from jaxgpt.model import GPTModel, MultiHeadAttention, gelu, init_params
+from jaxgpt.ops import (
+    Dropout,
+    attention_implementation,
+    bf16_matmul,
+    decode_params,
+    explicit_attention,
+    fused_attention,
+    gelu_in_float32,
+    keep_mask,
+    matmul_rows,
+    pad_vocab,
+    tied_head,
+    transposed,
 )
 
 TINY = GPTConfig(
@@ -38,14 +46,14 @@ def _bf16_round(a):
 
 def test_transposed_copy_is_the_transpose():
     a = np.arange(12, dtype=np.float32).reshape(3, 4)
-    np.testing.assert_array_equal(np.asarray(_transposed(jnp.asarray(a))), a.T)
+    np.testing.assert_array_equal(np.asarray(transposed(jnp.asarray(a))), a.T)
 
 
 def test_bf16_matmul_and_its_gradients_are_bf16_products_summed_in_f32():
     rng = np.random.default_rng(0)
     x, w, g = (rng.normal(size=s).astype(np.float32) for s in ((5, 8), (8, 3), (5, 3)))
     xb, wb, gb = _bf16_round(x), _bf16_round(w), _bf16_round(g)
-    out, vjp = jax.vjp(lambda x, w: _bf16_matmul(x, w, jnp.float32), jnp.asarray(x), jnp.asarray(w))
+    out, vjp = jax.vjp(lambda x, w: bf16_matmul(x, w, jnp.float32), jnp.asarray(x), jnp.asarray(w))
     dx, dw = vjp(jnp.asarray(g))
     assert out.dtype == dx.dtype == dw.dtype == jnp.float32
     np.testing.assert_allclose(out, xb @ wb, rtol=1e-5, atol=1e-5)
@@ -60,7 +68,7 @@ def test_bf16_matmul_with_bf16_activations_rounds_only_its_outputs():
     x, w, g = (rng.normal(size=s).astype(np.float32) for s in ((6, 16), (16, 5), (6, 5)))
     xb, wb, gb = _bf16_round(x), _bf16_round(w), _bf16_round(g)
     bf16 = jnp.bfloat16
-    out, vjp = jax.vjp(lambda x, w: _bf16_matmul(x, w, bf16), jnp.asarray(xb, bf16), jnp.asarray(w))
+    out, vjp = jax.vjp(lambda x, w: bf16_matmul(x, w, bf16), jnp.asarray(xb, bf16), jnp.asarray(w))
     dx, dw = vjp(jnp.asarray(gb, bf16))
     assert (out.dtype, dx.dtype, dw.dtype) == (bf16, bf16, jnp.float32)
     np.testing.assert_array_equal(np.asarray(out, np.float32), _bf16_round(xb @ wb))
@@ -99,9 +107,9 @@ def test_bf16_activations_decode_with_the_kv_cache_like_the_full_forward():
     params = init_params(cfg, jax.random.key(2))
     idx = jnp.asarray(np.arange(10).reshape(2, 5) % cfg.vocab_size)
     full = GPTModel(cfg).apply({"params": params}, idx)  # (B, T, V), no cache
-    cache = init_cache(cfg, batch_size=2, size=8)
-    logits, cache = GPTModel(cfg).apply({"params": params}, idx[:, :4], cache=cache)
-    last, _ = GPTModel(cfg).apply({"params": params}, idx[:, 4:], cache=cache)
+    cache, decoding = init_cache(cfg, batch_size=2, size=8), {"params": decode_params(params, cfg)}
+    logits, cache = GPTModel(cfg, decode=True).apply(decoding, idx[:, :4], cache=cache)
+    last, _ = GPTModel(cfg, decode=True).apply(decoding, idx[:, 4:], cache=cache)
     np.testing.assert_allclose(jnp.concatenate([logits, last], axis=1), full, atol=3e-2)
 
 
@@ -142,7 +150,121 @@ def test_bf16_training_loss_tracks_float32(activation_dtype):
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree_util.tree_leaves(params))
 
 
+# --- the decode matmul, the tied head, vocabulary padding, GELU ---
+
+
+def test_matmul_rows_is_the_product_with_the_transposed_rows():
+    rng = np.random.default_rng(2)
+    x, rows = rng.normal(size=(2, 3, 8)).astype(np.float32), rng.normal(size=(5, 8)).astype(np.float32)
+    np.testing.assert_allclose(
+        matmul_rows(jnp.asarray(x), jnp.asarray(rows), "float32"), x @ rows.T, atol=1e-5
+    )
+    bf16 = np.asarray(matmul_rows(jnp.asarray(x), jnp.asarray(rows), "bfloat16"))
+    np.testing.assert_allclose(bf16, _bf16_round(x) @ _bf16_round(rows).T, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_tied_head_is_the_product_with_the_embedding_transposed(dtype):
+    rng = np.random.default_rng(3)
+    x, emb = rng.normal(size=(2, 3, 8)).astype(np.float32), rng.normal(size=(11, 8)).astype(np.float32)
+    expected = x @ emb.T if dtype == "float32" else _bf16_round(x) @ _bf16_round(emb).T
+    np.testing.assert_allclose(tied_head(jnp.asarray(x), jnp.asarray(emb), dtype), expected, atol=1e-5)
+
+
+def test_pad_vocab_appends_zero_entries_along_its_axis():
+    table = np.arange(6, dtype=np.float32).reshape(3, 2)
+    np.testing.assert_array_equal(pad_vocab(jnp.asarray(table), 5, 0), np.vstack([table, np.zeros((2, 2))]))
+    np.testing.assert_array_equal(pad_vocab(jnp.asarray(table), 4, 1), np.hstack([table, np.zeros((3, 2))]))
+
+
+def test_gelu_in_float32_is_gelu_with_the_same_gradient():
+    h = jnp.linspace(-4, 4, 33, dtype=jnp.float32).reshape(3, 11)
+    np.testing.assert_array_equal(gelu_in_float32(gelu, h), gelu(h))
+    grad = jax.grad(lambda h: gelu_in_float32(gelu, h).sum())(h)
+    np.testing.assert_allclose(grad, jax.grad(lambda h: gelu(h).sum())(h), atol=1e-6)
+    h16 = h.astype(jnp.bfloat16)  # bf16 in, bf16 out, computed from the float32 of the same values
+    out16 = gelu_in_float32(gelu, h16)
+    assert out16.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(out16, gelu(h16.astype(jnp.float32)).astype(jnp.bfloat16))
+
+
+# --- dropout: the hash mask and the torch-style module ---
+
+
+@pytest.mark.parametrize("keep_prob", [0.9, 0.5, 0.013])
+def test_keep_mask_keeps_each_element_with_probability_keep_prob(keep_prob):
+    shape = (8, 12, 64, 64)  # a batch of attention weights: 393,216 draws
+    mask = np.asarray(keep_mask(jax.random.key(3), shape, keep_prob))
+    assert mask.shape == shape and mask.dtype == bool
+    n = mask.size
+    sigma = math.sqrt(keep_prob * (1 - keep_prob) / n)
+    assert abs(mask.mean() - keep_prob) < 5 * sigma  # the overall rate
+    # ... and in every row of the batch, every head, and along the positions: no stripes or repeats
+    for axes in [(1, 2, 3), (0, 2, 3), (0, 1, 3), (0, 1, 2)]:
+        rates = mask.mean(axis=axes)
+        assert np.abs(rates - keep_prob).max() < 5 * sigma * math.sqrt(n / (n / rates.size))
+    flat = mask.reshape(shape[0], -1)
+    assert not (flat[1:] == flat[:1]).all(axis=1).any()  # batch rows differ
+    # neighbours are independent: P(both kept) = keep_prob**2 along every axis
+    for axis in range(4):
+        a, b = np.moveaxis(mask, axis, 0)[:-1], np.moveaxis(mask, axis, 0)[1:]
+        assert abs((a & b).mean() - keep_prob**2) < 5 * math.sqrt(keep_prob**2 * (1 - keep_prob**2) / a.size)
+
+
+def test_keep_mask_is_a_deterministic_function_of_the_key():
+    def draw(key):
+        return np.asarray(keep_mask(key, (4, 1000), 0.5))
+
+    np.testing.assert_array_equal(draw(jax.random.key(1)), draw(jax.random.key(1)))
+    np.testing.assert_array_equal(draw(jax.random.key(1, impl="rbg")), draw(jax.random.key(1, impl="rbg")))
+    masks = [draw(k) for k in (jax.random.key(1), jax.random.key(2), *jax.random.split(jax.random.key(1)))]
+    for i in range(len(masks)):
+        for j in range(i):  # different keys: agreement at chance level (1/2), not identical masks
+            assert 0.45 < (masks[i] == masks[j]).mean() < 0.55
+
+
+def test_keep_mask_shapes():
+    key = jax.random.key(0)
+    assert keep_mask(key, (), 0.5).shape == ()
+    assert keep_mask(key, (7,), 0.5).shape == (7,)
+    with pytest.raises(ValueError, match="2\\*\\*32"):
+        keep_mask(key, (1, 2**16, 2**16), 0.5)
+
+
+def test_dropout_module_is_torch_style_inverted_dropout():
+    x = jnp.arange(1, 20_001, dtype=jnp.float32).reshape(2, 10_000)
+    key = {"dropout": jax.random.key(0)}
+    out = np.asarray(Dropout(0.1).apply({}, x, deterministic=False, rngs=key))
+    kept = out != 0
+    np.testing.assert_allclose(out[kept], np.asarray(x)[kept] / 0.9, rtol=1e-6)  # survivors scaled by 1/(1-p)
+    assert abs(kept.mean() - 0.9) < 5 * math.sqrt(0.09 / kept.size)
+    np.testing.assert_array_equal(Dropout(0.1).apply({}, x, deterministic=True), x)  # evaluation: identity
+    np.testing.assert_array_equal(Dropout(0.0).apply({}, x, deterministic=False, rngs=key), x)
+    np.testing.assert_array_equal(Dropout(1.0).apply({}, x, deterministic=False, rngs=key), np.zeros_like(x))
+
+
 # --- attention: the fused attention call ---
+
+
+def test_attention_runs_on_xla_off_a_bf16_gpu():
+    assert attention_implementation("cpu", "bfloat16", 64) == "xla"
+    assert attention_implementation("gpu", "float32", 64) == "xla"
+    assert attention_implementation("tpu", "bfloat16", 64) == "xla"
+
+
+def test_a_bf16_gpu_that_cannot_use_cudnn_says_why_once(monkeypatch):
+    from jaxgpt import ops
+
+    monkeypatch.setattr(ops, "_cudnn_unavailable", lambda head_dim: f"head_dim {head_dim} is odd")
+    attention_implementation.cache_clear()
+    with pytest.warns(UserWarning, match="head_dim 65 is odd"):
+        assert attention_implementation("gpu", "bfloat16", 65) == "xla"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the second call is silent
+        assert attention_implementation("gpu", "bfloat16", 65) == "xla"
+    monkeypatch.setattr(ops, "_cudnn_unavailable", lambda head_dim: None)
+    assert attention_implementation("gpu", "bfloat16", 64) == "cudnn"
+    attention_implementation.cache_clear()
 
 
 def test_attention_layer_matches_a_numpy_reference():
@@ -181,15 +303,15 @@ def test_fused_attention_equals_the_step_by_step_attention(padded):
     if padded:  # row 1 starts with one padding slot
         mask = mask & (jnp.arange(S)[None, None, :] >= jnp.array([0, 1])[:, None, None])
     mask = mask[:, None]  # (B or 1, 1, T, S)
-    hand = _attention_with_dropout(q, k, v, mask, lambda w, deterministic: w, True)
-    np.testing.assert_allclose(_fused_attention(q, k, v, mask, "float32"), hand, atol=1e-5)
+    hand = explicit_attention(q, k, v, mask)
+    np.testing.assert_allclose(fused_attention(q, k, v, mask, "float32"), hand, atol=1e-5)
 
 
 def test_fused_causal_attention_without_a_mask():
     q, k, v = (jax.random.normal(jax.random.key(i), (2, 5, 2, 4)) for i in range(3))
     causal = jnp.tril(jnp.ones((5, 5), bool))[None, None]
-    hand = _attention_with_dropout(q, k, v, causal, lambda w, deterministic: w, True)
-    np.testing.assert_allclose(_fused_attention(q, k, v, None, "float32"), hand, atol=1e-5)
+    hand = explicit_attention(q, k, v, causal)
+    np.testing.assert_allclose(fused_attention(q, k, v, None, "float32"), hand, atol=1e-5)
 
 
 def test_attention_weight_dropout_still_applies_in_training():
