@@ -32,26 +32,25 @@ import jax  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from jaxgpt import sharding  # noqa: E402
-from jaxgpt.checkpoint import CheckpointError, CheckpointManager  # noqa: E402
+from jaxgpt.checkpoint import (  # noqa: E402
+    CheckpointError,
+    CheckpointManager,
+    restore_checkpoint,
+    save_checkpoint,
+)
 from jaxgpt.config import PRESETS, backend_defaults, get_config  # noqa: E402
-from jaxgpt.data import default_corpus  # noqa: E402
+from jaxgpt.data import Data, DataError, default_corpus, load_corpus, prepare_data  # noqa: E402
 from jaxgpt.model import count_params  # noqa: E402
 from jaxgpt.plot import plot_losses  # noqa: E402
 from jaxgpt.shards import is_shard_dir, shard_loaders  # noqa: E402
 from jaxgpt.train import (  # noqa: E402
-    Data,
-    DataError,
     Hooks,
     NonFiniteLossError,
     Position,
     TrainConfig,
     create_train_state,
     default_train_config,
-    load_corpus,
     make_optimizer,
-    prepare_data,
-    restore_checkpoint,
-    save_checkpoint,
     total_train_steps,
     train,
 )

@@ -7,19 +7,16 @@ import jax
 import numpy as np
 import pytest
 
-from jaxgpt.checkpoint import CheckpointError, CheckpointManager, load_checkpoint
-from jaxgpt.config import GPTConfig
-from jaxgpt.data import DataLoader, sliding_windows
-from jaxgpt.train import (
-    Hooks,
-    Position,
-    TrainConfig,
-    create_train_state,
+from jaxgpt.checkpoint import (
+    CheckpointError,
+    CheckpointManager,
+    load_checkpoint,
     restore_checkpoint,
     save_checkpoint,
-    total_train_steps,
-    train,
 )
+from jaxgpt.config import GPTConfig
+from jaxgpt.data import DataLoader, sliding_windows
+from jaxgpt.train import Hooks, Position, TrainConfig, create_train_state, total_train_steps, train
 
 V = 32
 CFG = GPTConfig(vocab_size=V, context_length=8, emb_dim=16, n_heads=2, n_layers=1, drop_rate=0.1)
