@@ -620,12 +620,13 @@ def run_training(run: RunSetup) -> int:
 
     step = int(state.step)
     if _CtrlC.pressed:
-        print(
-            f"interrupted at step {step} of {run.total_steps}: saved checkpoint {hooks.saved}; "
-            f"continue with: python scripts/train.py --resume {out}",
-            file=sys.stderr,
-            flush=True,
+        then = (
+            f"continue with: python scripts/train.py --resume {out}"
+            if step < run.total_steps
+            else "the run is complete"
         )
+        print(f"interrupted at step {step} of {run.total_steps}: saved checkpoint {hooks.saved}; {then}",
+              file=sys.stderr, flush=True)  # fmt: skip
         return 130
     last = history[-1] if history else {}
     if main_proc:
