@@ -571,7 +571,10 @@ def _undo_new_run(out: Path, created: Path | None) -> None:
         shutil.rmtree(created, ignore_errors=True)
     elif out.is_dir():
         for p in out.iterdir():
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
 
 
 def run_training(run: RunSetup) -> int:
