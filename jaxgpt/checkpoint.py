@@ -10,30 +10,54 @@ Orbax writes each step into a temporary directory and renames it when complete, 
 the middle of a save leaves the earlier checkpoints as they were and no half-written step is
 ever listed. Like nanoGPT, the model config travels with the weights, so loading needs nothing
 but the path.
+
+:func:`save_checkpoint` and :func:`restore_checkpoint` store and restore a whole
+:class:`jaxgpt.train.TrainState` with its configs and data position; :func:`load_checkpoint`
+reads only what generation needs.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 
+from jaxgpt import sharding
 from jaxgpt.config import GPTConfig
 from jaxgpt.model import Params
+from jaxgpt.train import Position, TrainConfig, TrainState, create_train_state, make_optimizer
 
 CHECKPOINT_SUBDIR = "checkpoints"
 _ITEMS = ("params", "state", "meta")
 FORMAT = "jaxgpt-train-1"
 
-logging.getLogger("absl").setLevel(logging.ERROR)  # orbax logs every save at INFO/WARNING
-
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, unreadable or does not fit the run asking for it."""
+
+
+@contextlib.contextmanager
+def _quiet_orbax() -> Iterator[None]:
+    """Orbax logs every save and restore through absl at INFO/WARNING: silence it while we call it."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(max(level, logging.ERROR))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _all_finite(tree: Any) -> bool:
+    return all(bool(np.isfinite(np.asarray(x)).all()) for x in jax.tree.leaves(tree))
 
 
 def _options(keep: int | None, read_only: bool) -> ocp.CheckpointManagerOptions:
@@ -67,7 +91,10 @@ class CheckpointManager:
     def __init__(self, run_dir: str | Path, keep: int | None = None, read_only: bool = False) -> None:
         # orbax's tensorstore backend accepts absolute paths only (`runs/x` fails at the first save)
         self.root = Path(run_dir).absolute() / CHECKPOINT_SUBDIR
-        self._mngr = ocp.CheckpointManager(self.root, options=_options(keep, read_only), item_names=_ITEMS)
+        with _quiet_orbax():
+            self._mngr = ocp.CheckpointManager(
+                self.root, options=_options(keep, read_only), item_names=_ITEMS
+            )
 
     def all_steps(self) -> list[int]:
         return sorted(self._mngr.all_steps())
@@ -87,16 +114,17 @@ class CheckpointManager:
             return self.step_dir(step)
         if jax.process_index() == 0:
             self.root.mkdir(parents=True, exist_ok=True)
-        self._mngr.save(
-            step,
-            args=ocp.args.Composite(
-                params=ocp.args.StandardSave(params),
-                state=ocp.args.StandardSave(state),
-                meta=ocp.args.JsonSave({"format": FORMAT, "step": step, **meta}),
-            ),
-            force=True,
-        )
-        self._mngr.wait_until_finished()
+        with _quiet_orbax():
+            self._mngr.save(
+                step,
+                args=ocp.args.Composite(
+                    params=ocp.args.StandardSave(params),
+                    state=ocp.args.StandardSave(state),
+                    meta=ocp.args.JsonSave({"format": FORMAT, "step": step, **meta}),
+                ),
+                force=True,
+            )
+            self._mngr.wait_until_finished()
         return self.step_dir(step)
 
     def _pick(self, step: int | None) -> tuple[int, list[int]]:
@@ -120,7 +148,8 @@ class CheckpointManager:
         """-> (step, meta) of ``step`` (default: the latest), reading no arrays."""
         step, steps = self._pick(step)
         try:
-            meta = self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+            with _quiet_orbax():
+                meta = self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
             if not isinstance(meta, dict) or meta.get("format") != FORMAT:
                 raise ValueError(f"its meta item is not a {FORMAT} record")
         except Exception as e:  # orbax raises many types for a damaged directory; name the step
@@ -146,7 +175,8 @@ class CheckpointManager:
         if state_like is not None:
             items["state"] = ocp.args.StandardRestore(state_like)
         try:
-            restored = self._mngr.restore(step, args=ocp.args.Composite(**items))
+            with _quiet_orbax():
+                restored = self._mngr.restore(step, args=ocp.args.Composite(**items))
             params = _like(restored["params"], params_like)
             state = _like(restored["state"], state_like) if state_like is not None else None
         except Exception as e:
@@ -159,7 +189,8 @@ def _whole_on_one_device(item_dir: Path) -> Any:
     first device: a restore target for a checkpoint written by a sharded run on any mesh (orbax
     refuses to guess one when the saving devices are not all present)."""
     try:
-        saved = ocp.StandardCheckpointer().metadata(item_dir).item_metadata.tree
+        with _quiet_orbax():
+            saved = ocp.StandardCheckpointer().metadata(item_dir).item_metadata.tree
     except Exception:  # unreadable metadata: let the restore itself report the damage
         return None
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
@@ -191,12 +222,79 @@ def load_checkpoint(path: str | Path) -> tuple[GPTConfig, Params]:
     mngr = CheckpointManager.__new__(CheckpointManager)
     mngr.root = root
     try:
-        mngr._mngr = ocp.CheckpointManager(root, options=_options(None, True), item_names=_ITEMS)
+        with _quiet_orbax():
+            mngr._mngr = ocp.CheckpointManager(root, options=_options(None, True), item_names=_ITEMS)
     except Exception as e:
         raise CheckpointError(f"{root} is not a checkpoint directory ({type(e).__name__}: {e})") from e
-    _, params, _, meta = mngr.restore(step)
+    step, params, _, meta = mngr.restore(step)
     try:
         cfg = GPTConfig.from_dict(meta["model_config"])
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"the model config saved in {root} is unusable: {e}") from e
+    if not _all_finite(params):
+        raise CheckpointError(
+            f"checkpoint step {step} in {root} holds non-finite (NaN or infinite) parameters"
+        )
     return cfg, params
+
+
+# --------------------------------------------------------------------------------------------
+# The whole train state of a run
+# --------------------------------------------------------------------------------------------
+
+
+def save_checkpoint(
+    mngr: CheckpointManager,
+    state: TrainState,
+    cfg: GPTConfig,
+    tcfg: TrainConfig,
+    pos: Position,
+    total_steps: int,
+    extra: dict[str, Any] | None = None,
+) -> str:
+    """Save ``state`` with the configs and data position as step ``state.step``; returns its path."""
+    step = int(state.step)
+    meta = {
+        "model_config": cfg.to_dict(),
+        "train_config": tcfg.to_dict(),
+        "position": dataclasses.asdict(pos),
+        "total_steps": total_steps,
+        **(extra or {}),
+    }
+    opt = {"opt_state": state.opt_state, "step": state.step, "rng": state.rng}
+    return str(mngr.save(step, state.params, opt, meta))
+
+
+def restore_checkpoint(
+    mngr: CheckpointManager, step: int | None = None, mesh: jax.sharding.Mesh | None = None
+) -> tuple[TrainState, optax.GradientTransformation, GPTConfig, TrainConfig, Position, dict[str, Any]]:
+    """The run saved in ``mngr`` at ``step`` (default latest) -> (state, tx, cfg, tcfg, pos, meta).
+
+    The configs come from the checkpoint; the optimizer is rebuilt from them and the saved
+    state restored into its structure, so training continues exactly where it stopped.
+    With a ``mesh``, every array is read straight into its shards on that mesh, whatever mesh
+    (or single device) saved it.
+    """
+    step, meta = mngr.read_meta(step)
+    try:
+        cfg = GPTConfig.from_dict(meta["model_config"])
+        tcfg = TrainConfig.from_dict(meta["train_config"])
+        pos = Position(**meta["position"])
+        total_steps = int(meta["total_steps"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(
+            f"checkpoint step {step} in {mngr.root} has an unusable meta record: {e}"
+        ) from e
+    template = jax.eval_shape(lambda: create_train_state(cfg, tcfg, jax.random.PRNGKey(0), total_steps)[0])
+    tx = make_optimizer(tcfg, total_steps)
+    like = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), template)  # structure and shapes only
+    if mesh is not None:  # shapes plus target shardings: orbax restores onto the mesh
+        like = sharding.abstract_state(template, sharding.state_shardings(template, mesh))
+    opt_like = {"opt_state": like.opt_state, "step": like.step, "rng": like.rng}
+    _, params, opt, _ = mngr.restore(step, params_like=like.params, state_like=opt_like)
+    state = TrainState(params=params, opt_state=opt["opt_state"], step=opt["step"], rng=opt["rng"])
+    if int(state.step) != step:
+        raise CheckpointError(
+            f"checkpoint step {step} in {mngr.root} holds a state of step {int(state.step)}"
+        )
+    return state, tx, cfg, tcfg, pos, meta

@@ -1,4 +1,5 @@
-"""The book's sliding-window dataset and data loader (chapter 2, section 2.6), in NumPy.
+"""The book's sliding-window dataset and data loader (chapter 2, section 2.6), in NumPy, and the
+corpus of a training run (chapter 5.1.2): text files -> train and validation loaders.
 
 ``sliding_windows`` plays the part of ``GPTDatasetV1``: it cuts a token sequence
 into input windows of ``max_length`` tokens, ``stride`` tokens apart, with the
@@ -13,13 +14,18 @@ Shapes: ``N`` windows, ``B`` batch size, ``T`` = ``max_length`` tokens per windo
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import os
 from collections.abc import Iterator, Sequence
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 import tiktoken
 
 from jaxgpt.tokenizer import EOT_TEXT, get_tokenizer
+
+if TYPE_CHECKING:  # train.py imports this module: the type only, to avoid the cycle
+    from jaxgpt.train import TrainConfig
 
 _Splittable = TypeVar("_Splittable", str, Sequence[int], np.ndarray)
 
@@ -220,3 +226,94 @@ def default_corpus() -> str:
     from pydoc_data.topics import topics
 
     return "\n\n".join(topics[name] for name in sorted(topics))
+
+
+# --------------------------------------------------------------------------------------------
+# The corpus of a training run (book 5.1.2)
+# --------------------------------------------------------------------------------------------
+
+
+class DataError(ValueError):
+    """The training text or its windows cannot make a run (raised before training starts)."""
+
+
+def load_corpus(paths: Sequence[str | os.PathLike]) -> str:
+    """The UTF-8 text of each file (a directory gives its .txt files, sorted), documents joined
+    by ``<|endoftext|>`` as GPT-2's training data separates them.
+
+    Raises DataError naming the file that is missing, unreadable, not UTF-8 or empty.
+    """
+    from jaxgpt.shards import list_inputs  # shards.py builds on this module: import it late
+
+    try:
+        files = list_inputs(paths)
+    except (OSError, ValueError) as e:
+        raise DataError(str(e)) from e
+    texts = []
+    for file in files:
+        try:
+            raw = file.read_bytes()
+        except OSError as e:
+            raise DataError(f"data file {file} cannot be read: {e.strerror or e}") from e
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(
+                f"data file {file} is not UTF-8 text (byte {e.start} is {raw[e.start : e.start + 1]!r}); "
+                "convert it, e.g. with iconv -t utf-8"
+            ) from e
+        if not text.strip():
+            raise DataError(f"data file {file} is empty")
+        texts.append(text)
+    return f"\n{EOT_TEXT}\n".join(texts)
+
+
+@dataclasses.dataclass(frozen=True)
+class Data:
+    """The loaders of a run plus what describes them (stored with the run to check a resume)."""
+
+    train_loader: DataLoader
+    val_loader: DataLoader
+    train_tokens: int
+    val_tokens: int
+    fingerprint: str  # sha256 of the train and validation token ids
+
+
+def prepare_data(text: str, context_length: int, tcfg: TrainConfig) -> Data:
+    """Split ``text`` 90/10 (book 5.1.2), tokenize, cut windows of ``context_length`` tokens.
+
+    The training loader shuffles with ``tcfg.seed`` and drops a last short batch; the
+    validation loader keeps its order and every window. Raises DataError when either split has
+    no window, or the training split has fewer windows than one step needs.
+    """
+    tokenizer = get_tokenizer()
+    train_text, val_text = train_val_split(text, tcfg.train_ratio)
+    train_ids = np.asarray(tokenizer.encode(train_text, allowed_special={EOT_TEXT}), np.int32)
+    val_ids = np.asarray(tokenizer.encode(val_text, allowed_special={EOT_TEXT}), np.int32)
+    stride = context_length if tcfg.stride is None else tcfg.stride
+    need = context_length + 1
+    if len(train_ids) < need or len(val_ids) < need:
+        raise DataError(
+            f"corpus too small: the training split has {len(train_ids)} tokens and the validation split "
+            f"{len(val_ids)}, but each needs at least context_length + 1 = {need} for one window; "
+            "give more text or a smaller --context-length"
+        )
+    train_x, train_y = sliding_windows(train_ids, context_length, stride)
+    val_x, val_y = sliding_windows(val_ids, context_length, stride)
+    per_step = tcfg.batch_size * tcfg.grad_accum
+    if per_step > len(train_x):
+        raise DataError(
+            f"batch too large: a step takes batch_size x grad_accum = {tcfg.batch_size} x {tcfg.grad_accum}"
+            f" = {per_step} windows, but the training split has only {len(train_x)} windows of "
+            f"{context_length} tokens (stride {stride}); lower --batch-size/--grad-accum or give more text"
+        )
+    digest = hashlib.sha256(train_ids.tobytes() + b"|" + val_ids.tobytes()).hexdigest()
+    return Data(
+        train_loader=DataLoader(
+            train_x, train_y, tcfg.batch_size, shuffle=True, drop_last=True, seed=tcfg.seed
+        ),
+        val_loader=DataLoader(val_x, val_y, tcfg.batch_size, shuffle=False, drop_last=False),
+        train_tokens=len(train_ids),
+        val_tokens=len(val_ids),
+        fingerprint=digest,
+    )

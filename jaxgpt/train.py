@@ -8,8 +8,11 @@ The pieces, in the order a training run uses them:
   create_train_state     a fresh state from a model config, a train config and a key
   train_step             one optimizer update: value_and_grad of the cross-entropy, dropout on
   evaluate               the book's evaluate_model: mean loss over at most eval_iter batches
-  generate_and_print_sample   greedy continuation of a start text, as the book prints it
+  generate_sample        the continuation of a start text the book prints after each epoch
   train                  the book's train_model_simple, with hooks for logging and checkpoints
+
+The corpus and its loaders are in :mod:`jaxgpt.data` (``prepare_data``); checkpoints of a run in
+:mod:`jaxgpt.checkpoint` (``save_checkpoint``, ``restore_checkpoint``).
 
 Shapes: ``A`` grad-accumulation microbatches, ``B`` batch size, ``T`` tokens per window.
 Determinism: the dropout key of step ``s`` is ``fold_in(state.rng, s)`` and every epoch's data
@@ -21,11 +24,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import flax.struct
@@ -35,18 +36,30 @@ import numpy as np
 import optax
 
 from jaxgpt import sharding
-from jaxgpt.checkpoint import CheckpointError, CheckpointManager
 from jaxgpt.config import FrozenConfig, GPTConfig
-from jaxgpt.data import DataLoader, sliding_windows, train_val_split
+from jaxgpt.data import DataLoader
 from jaxgpt.generation import generate
-from jaxgpt.loss import calc_loss_batch, train_loss
+from jaxgpt.loss import calc_loss_loader, train_loss
 from jaxgpt.model import Params, init_params
-from jaxgpt.tokenizer import EOT_TEXT, get_tokenizer, text_to_token_ids, token_ids_to_text
+from jaxgpt.tokenizer import text_to_token_ids, token_ids_to_text
 from jaxgpt.xla import compiler_options
 
 Array = jax.Array
 Batch = tuple[Array, Array]
 LossFn = Callable[[Params, GPTConfig, Array, Array, Array], Array]  # (params, cfg, x, y, dropout key)
+
+
+class TrainConfigError(ValueError):
+    """A :class:`TrainConfig` field has a bad value. ``field`` names it, so that a front end can
+    name its own option instead (``--batch-size`` for ``batch_size``); ``problem`` says what is wrong."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        self.field, self.problem = field, problem
+        super().__init__(f"TrainConfig.{field} {problem}")
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass(frozen=True)
@@ -76,35 +89,35 @@ class TrainConfig(FrozenConfig):
     seed: int = 123  # model init, dropout and data order (the book's torch.manual_seed(123))
     start_context: str = "Every effort moves you"
     sample_tokens: int = 50  # tokens generated for the sample after each epoch; 0: no samples
+    sample_temperature: float = 0.0  # 0: greedy, as the book's generate_and_print_sample; > 0: sampled
+    sample_top_k: int | None = None  # sample from the k most likely tokens only; None: all
 
     def __post_init__(self) -> None:
-        positive = (
-            "learning_rate",
-            "grad_accum",
-            "batch_size",
-            "num_epochs",
-            "eval_freq",
-            "eval_iter",
-        )
-        for name in positive:
+        def check(name: str, ok: Callable[[Any], bool], expected: str, allow_none: bool = False) -> None:
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ValueError(f"TrainConfig.{name} must be positive, got {value!r}")
-        for name in ("stride", "max_steps", "grad_clip", "min_lr"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not value > 0):
-                raise ValueError(f"TrainConfig.{name} must be positive or None, got {value!r}")
-        for name in ("weight_decay", "warmup_steps", "warmup_init_lr", "seed", "sample_tokens"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise ValueError(f"TrainConfig.{name} must be >= 0, got {value!r}")
-        if not 0.0 < self.train_ratio < 1.0:
-            raise ValueError(
-                f"TrainConfig.train_ratio must be strictly between 0 and 1, got {self.train_ratio!r}"
-            )
+            if allow_none and value is None:
+                return
+            if not _is_number(value) or not ok(value):
+                raise TrainConfigError(name, f"must be {expected}, got {value!r}")
+
+        integer = lambda v: isinstance(v, int)  # noqa: E731
+        check("learning_rate", lambda v: v > 0, "a positive finite number")
+        for name in ("beta1", "beta2"):
+            check(name, lambda v: 0 <= v < 1, "in [0, 1)")
+        for name in ("grad_accum", "batch_size", "num_epochs", "eval_freq", "eval_iter"):
+            check(name, lambda v: integer(v) and v > 0, "a positive integer")
+        for name in ("stride", "max_steps", "sample_top_k"):
+            check(name, lambda v: integer(v) and v > 0, "a positive integer or None", allow_none=True)
+        for name in ("grad_clip", "min_lr"):
+            check(name, lambda v: v > 0, "a positive finite number or None", allow_none=True)
+        for name in ("warmup_steps", "seed", "sample_tokens"):
+            check(name, lambda v: integer(v) and v >= 0, "an integer >= 0")
+        for name in ("weight_decay", "warmup_init_lr", "sample_temperature"):
+            check(name, lambda v: v >= 0, "a finite number >= 0")
+        check("train_ratio", lambda v: 0 < v < 1, "strictly between 0 and 1")
         if self.min_lr is not None and self.min_lr > self.learning_rate:
-            raise ValueError(
-                f"TrainConfig.min_lr ({self.min_lr}) must not exceed learning_rate ({self.learning_rate})"
+            raise TrainConfigError(
+                "min_lr", f"must not exceed the learning rate ({self.learning_rate}), got {self.min_lr!r}"
             )
 
 
@@ -112,9 +125,18 @@ class TrainConfig(FrozenConfig):
 # quickstart: the best validation loss we found for a few minutes on 2 CPU cores (a sweep over
 # width, depth, batch and learning rate at that token budget: constant 1e-3 beat 4e-4 and cosine
 # decay). 4 epochs = 488k tokens, about 5 minutes on 2 idle cores at ~1800 tokens/s.
+# Its epoch samples are drawn (temperature 1, top-k 40) rather than greedy: a model this small
+# greedily repeats its most likely token, a newline, and the sample would print blank.
 TRAIN_PRESETS: dict[str, TrainConfig] = {
     "quickstart": TrainConfig(
-        learning_rate=1e-3, warmup_steps=10, batch_size=8, num_epochs=4, eval_freq=40, eval_iter=5
+        learning_rate=1e-3,
+        warmup_steps=10,
+        batch_size=8,
+        num_epochs=4,
+        eval_freq=40,
+        eval_iter=5,
+        sample_temperature=1.0,
+        sample_top_k=40,
     ),
 }
 
@@ -122,107 +144,6 @@ TRAIN_PRESETS: dict[str, TrainConfig] = {
 def default_train_config(preset: str) -> TrainConfig:
     """The training options the CLI starts from for ``preset``."""
     return TRAIN_PRESETS.get(preset, TrainConfig())
-
-
-# --------------------------------------------------------------------------------------------
-# Data: text files -> train and validation loaders (book 5.1.2)
-# --------------------------------------------------------------------------------------------
-
-
-class DataError(ValueError):
-    """The training text or its windows cannot make a run (named before training starts)."""
-
-
-def _text_files(path: Path) -> list[Path]:
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*.txt") if p.is_file())
-        if not files:
-            raise DataError(f"data directory {path} holds no .txt files")
-        return files
-    if not path.exists():
-        raise DataError(f"data file {path} does not exist")
-    if not path.is_file():
-        raise DataError(f"data path {path} is neither a file nor a directory")
-    return [path]
-
-
-def load_corpus(paths: Sequence[str | Path]) -> str:
-    """The UTF-8 text of each file (a directory gives its .txt files, sorted), documents joined
-    by ``<|endoftext|>`` as GPT-2's training data separates them.
-
-    Raises DataError naming the file that is missing, unreadable, not UTF-8 or empty.
-    """
-    if not paths:
-        raise DataError("no data paths given")
-    texts = []
-    for path in paths:
-        for file in _text_files(Path(path)):
-            try:
-                raw = file.read_bytes()
-            except OSError as e:
-                raise DataError(f"data file {file} cannot be read: {e.strerror or e}") from e
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(
-                    f"data file {file} is not UTF-8 text (byte {e.start} is {raw[e.start : e.start + 1]!r}); "
-                    "convert it, e.g. with iconv -t utf-8"
-                ) from e
-            if not text.strip():
-                raise DataError(f"data file {file} is empty")
-            texts.append(text)
-    return f"\n{EOT_TEXT}\n".join(texts)
-
-
-@dataclass(frozen=True)
-class Data:
-    """The loaders of a run plus what describes them (stored with the run to check a resume)."""
-
-    train_loader: DataLoader
-    val_loader: DataLoader
-    train_tokens: int
-    val_tokens: int
-    fingerprint: str  # sha256 of the train and validation token ids
-
-
-def prepare_data(text: str, context_length: int, tcfg: TrainConfig) -> Data:
-    """Split ``text`` 90/10 (book 5.1.2), tokenize, cut windows of ``context_length`` tokens.
-
-    The training loader shuffles with ``tcfg.seed`` and drops a last short batch; the
-    validation loader keeps its order and every window. Raises DataError when either split has
-    no window, or the training split has fewer windows than one step needs.
-    """
-    tokenizer = get_tokenizer()
-    train_text, val_text = train_val_split(text, tcfg.train_ratio)
-    train_ids = np.asarray(tokenizer.encode(train_text, allowed_special={EOT_TEXT}), np.int32)
-    val_ids = np.asarray(tokenizer.encode(val_text, allowed_special={EOT_TEXT}), np.int32)
-    stride = context_length if tcfg.stride is None else tcfg.stride
-    need = context_length + 1
-    if len(train_ids) < need or len(val_ids) < need:
-        raise DataError(
-            f"corpus too small: the training split has {len(train_ids)} tokens and the validation split "
-            f"{len(val_ids)}, but each needs at least context_length + 1 = {need} for one window; "
-            "give more text or a smaller --context-length"
-        )
-    train_x, train_y = sliding_windows(train_ids, context_length, stride)
-    val_x, val_y = sliding_windows(val_ids, context_length, stride)
-    per_step = tcfg.batch_size * tcfg.grad_accum
-    if per_step > len(train_x):
-        raise DataError(
-            f"batch too large: a step takes batch_size x grad_accum = {tcfg.batch_size} x {tcfg.grad_accum}"
-            f" = {per_step} windows, but the training split has only {len(train_x)} windows of "
-            f"{context_length} tokens (stride {stride}); lower --batch-size/--grad-accum or give more text"
-        )
-    digest = hashlib.sha256(train_ids.tobytes() + b"|" + val_ids.tobytes()).hexdigest()
-    return Data(
-        train_loader=DataLoader(
-            train_x, train_y, tcfg.batch_size, shuffle=True, drop_last=True, seed=tcfg.seed
-        ),
-        val_loader=DataLoader(val_x, val_y, tcfg.batch_size, shuffle=False, drop_last=False),
-        train_tokens=len(train_ids),
-        val_tokens=len(val_ids),
-        fingerprint=digest,
-    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -359,18 +280,9 @@ def jit_train_step(
 
 
 def evaluate(params: Params, cfg: GPTConfig, loader: DataLoader, eval_iter: int) -> float:
-    """Mean loss, dropout off, over the first ``eval_iter`` batches of ``loader`` (epoch-0 order).
-
-    The book's ``calc_loss_loader(..., num_batches=eval_iter)``; the sum stays on the device and
-    is read once. An empty loader gives NaN, as in the book.
-    """
-    total, count = jnp.zeros((), jnp.float32), 0
-    for input_batch, target_batch in loader.iter_epoch(0):
-        if count >= eval_iter:
-            break
-        total = total + calc_loss_batch(params, cfg, jnp.asarray(input_batch), jnp.asarray(target_batch))
-        count += 1
-    return float(total) / count if count else math.nan
+    """Mean loss, dropout off, over the first ``eval_iter`` batches of ``loader`` (epoch-0 order):
+    the book's ``calc_loss_loader(..., num_batches=eval_iter)``. An empty loader gives NaN."""
+    return calc_loss_loader(params, cfg, loader.iter_epoch(0), num_batches=eval_iter)
 
 
 def evaluate_model(
@@ -380,10 +292,26 @@ def evaluate_model(
     return evaluate(params, cfg, train_loader, eval_iter), evaluate(params, cfg, val_loader, eval_iter)
 
 
-def generate_sample(params: Params, cfg: GPTConfig, start_context: str, max_new_tokens: int = 50) -> str:
-    """Greedy continuation of ``start_context``, as one line (the book's generate_and_print_sample)."""
+def generate_sample(
+    params: Params,
+    cfg: GPTConfig,
+    start_context: str,
+    max_new_tokens: int = 50,
+    *,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    key: Array | None = None,
+) -> str:
+    """The continuation of ``start_context`` as one line, newlines shown as spaces (the book's
+    generate_and_print_sample). Greedy by default; ``temperature`` > 0 samples with ``key``."""
     encoded = text_to_token_ids(start_context) % cfg.vocab_size  # (1, T); a toy vocab gets the ids folded in
-    token_ids = generate(params, cfg, encoded, max_new_tokens)
+    if temperature > 0:
+        key = jax.random.PRNGKey(0) if key is None else key
+        token_ids = generate(
+            params, cfg, encoded, max_new_tokens, temperature=temperature, top_k=top_k, key=key
+        )
+    else:
+        token_ids = generate(params, cfg, encoded, max_new_tokens)
     return token_ids_to_text(token_ids).replace("\n", " ")  # compact print format, as in the book
 
 
@@ -393,13 +321,32 @@ def generate_and_print_sample(
     print(generate_sample(params, cfg, start_context, max_new_tokens))
 
 
+def epoch_sample(params: Params, cfg: GPTConfig, tcfg: TrainConfig, epoch: int) -> str:
+    """The sample printed after epoch ``epoch``, as ``tcfg`` asks for it ("" when sample_tokens is 0).
+
+    A sampled one draws with ``fold_in(PRNGKey(seed), epoch)``: a resumed run prints the same text.
+    """
+    if not tcfg.sample_tokens:
+        return ""
+    key = jax.random.fold_in(jax.random.PRNGKey(tcfg.seed), epoch)
+    return generate_sample(
+        params,
+        cfg,
+        tcfg.start_context,
+        tcfg.sample_tokens,
+        temperature=tcfg.sample_temperature,
+        top_k=tcfg.sample_top_k,
+        key=key,
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------------------------
 
 
 class NonFiniteLossError(RuntimeError):
-    """Training produced a NaN or infinite loss or gradient; the state after it is not saved."""
+    """Training produced a NaN or infinite loss, gradient or parameter; that state is not saved."""
 
 
 @dataclass
@@ -453,17 +400,53 @@ def epoch_batches(
             yield np.stack([x for x, _ in group]), np.stack([y for _, y in group])
 
 
-def _read(metrics: dict[str, Array]) -> dict[str, float]:
-    return {k: float(v) for k, v in metrics.items()}
+@jax.jit
+def _params_finite(params: Params) -> Array:
+    return jnp.all(jnp.stack([jnp.isfinite(p).all() for p in jax.tree.leaves(params)]))
 
 
-def _check_finite(step: int, metrics: dict[str, float]) -> None:
-    if not all(math.isfinite(v) for v in metrics.values()):
-        raise NonFiniteLossError(
-            f"non-finite training metrics at step {step}: {metrics}. Training stopped; the state after "
-            "this step was not saved, so the last checkpoint is the last good one. Try a lower "
-            "learning rate, warmup (--warmup-steps) or gradient clipping (--grad-clip)."
+class _Metrics:
+    """The metrics of the last step dispatched, read one step late (so the host never waits for
+    the device) and checked to be finite before anyone sees them."""
+
+    def __init__(self, hooks: Hooks, pos: Position) -> None:
+        self.hooks, self.pos, self.pending = hooks, pos, None
+
+    def push(self, step: int, metrics: dict[str, Array]) -> None:
+        self.flush()
+        self.pending = (step, metrics)
+
+    def flush(self) -> None:
+        if self.pending is None:
+            return
+        step, metrics = self.pending
+        self.pending = None
+        values = {k: float(v) for k, v in metrics.items()}
+        if not all(math.isfinite(v) for v in values.values()):
+            raise _non_finite(step, "training metrics", f": {values}")
+        self.hooks.on_step(step, values, self.pos)
+
+
+def _non_finite(step: int, what: str, detail: str = "") -> NonFiniteLossError:
+    return NonFiniteLossError(
+        f"non-finite {what} at step {step}{detail}. Training stopped; the state after this step was not "
+        "saved, so the last checkpoint is the last good one. Try a lower learning rate, warmup "
+        "(--warmup-steps) or gradient clipping (--grad-clip)."
+    )
+
+
+def _on_mesh(
+    state: TrainState, tx: optax.GradientTransformation, cfg: GPTConfig, tcfg: TrainConfig, mesh: Any
+) -> tuple[TrainState, Callable[[TrainState, Batch], tuple[TrainState, dict[str, Array]]]]:
+    """The state placed on ``mesh`` and the same train step jitted with the mesh's shardings."""
+    if tcfg.grad_accum > 1 and jax.process_count() > 1:  # epoch_batches stacks on the host
+        raise ValueError(
+            "grad_accum > 1 is not supported with several processes yet; use a larger mesh batch"
         )
+    state = sharding.shard_state(state, mesh)
+    step = functools.partial(train_step, cfg=cfg, tx=tx)
+    shardings = sharding.state_shardings(state, mesh)
+    return state, sharding.shard_train_step(step, mesh, shardings, accumulate=tcfg.grad_accum > 1)
 
 
 def train(
@@ -480,10 +463,11 @@ def train(
     """The book's ``train_model_simple``: epochs of train steps, evaluations, a sample per epoch.
 
     Starts at ``pos`` (a resumed run's data position) and stops after ``total_train_steps``
-    steps, or earlier when ``hooks.should_stop`` says so. Returns the final state, position and
-    the evaluation records ``{"step", "epoch" (fractional), "tokens_seen", "train_loss",
-    "val_loss", "lr"}``.
-    The caller's ``state`` is donated: use only the returned one.
+    steps, or earlier when ``hooks.should_stop`` says so; a run already at its last step does
+    nothing. Returns the final state, position and the evaluation records ``{"step", "epoch"
+    (fractional), "tokens_seen", "train_loss", "val_loss", "lr"}``. Every state handed to
+    ``hooks.save`` has finite params; a non-finite loss, gradient or parameter raises
+    NonFiniteLossError. The caller's ``state`` is donated: use only the returned one.
 
     With a ``mesh`` (``jaxgpt.sharding.make_mesh``) the same step runs sharded over its devices:
     state by the sharding rules, batches split over data x fsdp (see ``jaxgpt/sharding.py``).
@@ -491,153 +475,61 @@ def train(
     pos = dataclasses.replace(pos) if pos is not None else Position()
     hooks = hooks if hooks is not None else Hooks()
     total_steps = total_train_steps(train_loader, tcfg)
-    per_epoch = steps_per_epoch(train_loader, tcfg)
-    if per_epoch == 0:
+    batches_per_epoch = steps_per_epoch(train_loader, tcfg) * tcfg.grad_accum
+    if batches_per_epoch == 0:
         raise ValueError(
             f"the training split has {len(train_loader)} batches, fewer than grad_accum={tcfg.grad_accum}"
         )
+    step = int(state.step)
+    if step >= total_steps:
+        return state, pos, []
     schedule = make_schedule(tcfg, total_steps)
     step_fn = jit_train_step(cfg, tx)
     if mesh is not None:  # scale-out: the same train_step, jitted with the mesh's shardings
-        if tcfg.grad_accum > 1 and jax.process_count() > 1:  # _epoch_batches stacks on the host
-            raise ValueError(
-                "grad_accum > 1 is not supported with several processes yet; use a larger mesh batch"
-            )
-        state = sharding.shard_state(state, mesh)
-        shardings = sharding.state_shardings(state, mesh)
-        step_fn = sharding.shard_train_step(
-            functools.partial(train_step, cfg=cfg, tx=tx), mesh, shardings, accumulate=tcfg.grad_accum > 1
+        state, step_fn = _on_mesh(state, tx, cfg, tcfg, mesh)
+        train_loader, val_loader = (
+            sharding.MeshLoader(train_loader, mesh),
+            sharding.MeshLoader(val_loader, mesh),
         )
-        train_loader = sharding.MeshLoader(train_loader, mesh)
-        val_loader = sharding.MeshLoader(val_loader, mesh)
-    records: list[dict[str, Any]] = []
+    metrics, records = _Metrics(hooks, pos), []
 
-    step = int(state.step)
-    hooks.on_start(state, pos, total_steps)
-    pending: tuple[int, dict[str, Array]] | None = None  # last step's metrics, not yet read
-
-    def flush() -> None:
-        nonlocal pending
-        if pending is not None:
-            s, m = pending
-            pending = None
-            values = _read(m)
-            _check_finite(s, values)
-            hooks.on_step(s, values, pos)
-
-    def eval_now(s: int) -> None:
+    def evaluate_now() -> None:
         train_l, val_l = evaluate_model(state.params, cfg, train_loader, val_loader, tcfg.eval_iter)
-        record = {
-            "step": s,
-            "epoch": pos.epoch + pos.batch / (per_epoch * tcfg.grad_accum),  # fractional, from 0
-            "tokens_seen": pos.tokens_seen,
-            "train_loss": train_l,
-            "val_loss": val_l,
-            "lr": float(schedule(s - 1)),
-        }
-        records.append(record)
-        hooks.on_eval(record)
+        epoch = pos.epoch + pos.batch / batches_per_epoch  # fractional, from 0
+        record = {"step": step, "epoch": epoch, "tokens_seen": pos.tokens_seen}
+        records.append({**record, "train_loss": train_l, "val_loss": val_l, "lr": float(schedule(step - 1))})
+        hooks.on_eval(records[-1])
 
-    def sample_now() -> None:
-        flush()
-        sample = (
-            generate_sample(state.params, cfg, tcfg.start_context, tcfg.sample_tokens)
-            if tcfg.sample_tokens
-            else ""
-        )
-        hooks.on_epoch_end(pos.epoch, sample)
+    def save(final: bool) -> None:
+        metrics.flush()  # never save a state whose step was not finite
+        if not bool(_params_finite(state.params)):
+            raise _non_finite(step, "parameters")
+        hooks.save(state, pos, final)
 
-    stopped, ended_epoch = False, False
+    hooks.on_start(state, pos, total_steps)
+    stopped = False
     while step < total_steps and not stopped:
-        for input_batch, target_batch in epoch_batches(train_loader, tcfg, pos.epoch, pos.batch):
-            state, metrics = step_fn(state, (jnp.asarray(input_batch), jnp.asarray(target_batch)))
+        for inputs, targets in epoch_batches(train_loader, tcfg, pos.epoch, pos.batch):
+            state, step_metrics = step_fn(state, (jnp.asarray(inputs), jnp.asarray(targets)))
             step += 1
-            flush()  # the previous step's metrics: ready by now, while this step runs
-            pending = (step, metrics)
             pos.batch += tcfg.grad_accum
-            pos.tokens_seen += int(input_batch.size)
+            pos.tokens_seen += int(inputs.size)
+            metrics.push(step, step_metrics)  # reads the previous step's, ready by now
             if (step - 1) % tcfg.eval_freq == 0:  # as the book: after the first step, then every eval_freq
-                eval_now(step)
+                evaluate_now()
             if hooks.should_save(step):
-                flush()  # never save a state whose step was not finite
-                hooks.save(state, pos, final=False)
-            if step >= total_steps:
+                save(final=False)
+            stopped = step < total_steps and hooks.should_stop(step)
+            if step >= total_steps or stopped:
                 break
-            if hooks.should_stop(step):
-                stopped = True
-                break
-        ended_epoch = pos.batch >= per_epoch * tcfg.grad_accum
-        if ended_epoch:  # the book prints a sample after each epoch
-            sample_now()
+        if pos.batch >= batches_per_epoch or (step >= total_steps and not stopped):
+            metrics.flush()  # the book prints a sample after each epoch; max_steps ends with one too
+            hooks.on_epoch_end(pos.epoch, epoch_sample(state.params, cfg, tcfg, pos.epoch))
+        if pos.batch >= batches_per_epoch:
             pos.epoch, pos.batch = pos.epoch + 1, 0
 
-    flush()
-    if not stopped:
-        if not ended_epoch:  # max_steps ended the run inside an epoch: one last sample
-            sample_now()
-        if not records or records[-1]["step"] != step:
-            eval_now(step)
-    hooks.save(state, pos, final=True)
+    metrics.flush()
+    if not stopped and (not records or records[-1]["step"] != step):  # the last step's evaluation
+        evaluate_now()
+    save(final=True)
     return state, pos, records
-
-
-# --------------------------------------------------------------------------------------------
-# Checkpoints of the whole run
-# --------------------------------------------------------------------------------------------
-
-
-def save_checkpoint(
-    mngr: CheckpointManager,
-    state: TrainState,
-    cfg: GPTConfig,
-    tcfg: TrainConfig,
-    pos: Position,
-    total_steps: int,
-    extra: dict[str, Any] | None = None,
-) -> str:
-    """Save ``state`` with the configs and data position as step ``state.step``; returns its path."""
-    step = int(state.step)
-    meta = {
-        "model_config": cfg.to_dict(),
-        "train_config": tcfg.to_dict(),
-        "position": dataclasses.asdict(pos),
-        "total_steps": total_steps,
-        **(extra or {}),
-    }
-    opt = {"opt_state": state.opt_state, "step": state.step, "rng": state.rng}
-    return str(mngr.save(step, state.params, opt, meta))
-
-
-def restore_checkpoint(
-    mngr: CheckpointManager, step: int | None = None, mesh: jax.sharding.Mesh | None = None
-) -> tuple[TrainState, optax.GradientTransformation, GPTConfig, TrainConfig, Position, dict[str, Any]]:
-    """The run saved in ``mngr`` at ``step`` (default latest) -> (state, tx, cfg, tcfg, pos, meta).
-
-    The configs come from the checkpoint; the optimizer is rebuilt from them and the saved
-    state restored into its structure, so training continues exactly where it stopped.
-    With a ``mesh``, every array is read straight into its shards on that mesh, whatever mesh
-    (or single device) saved it.
-    """
-    step, meta = mngr.read_meta(step)
-    try:
-        cfg = GPTConfig.from_dict(meta["model_config"])
-        tcfg = TrainConfig.from_dict(meta["train_config"])
-        pos = Position(**meta["position"])
-        total_steps = int(meta["total_steps"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(
-            f"checkpoint step {step} in {mngr.root} has an unusable meta record: {e}"
-        ) from e
-    template = jax.eval_shape(lambda: create_train_state(cfg, tcfg, jax.random.PRNGKey(0), total_steps)[0])
-    tx = make_optimizer(tcfg, total_steps)
-    like = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), template)  # structure and shapes only
-    if mesh is not None:  # shapes plus target shardings: orbax restores onto the mesh
-        like = sharding.abstract_state(template, sharding.state_shardings(template, mesh))
-    opt_like = {"opt_state": like.opt_state, "step": like.step, "rng": like.rng}
-    _, params, opt, _ = mngr.restore(step, params_like=like.params, state_like=opt_like)
-    state = TrainState(params=params, opt_state=opt["opt_state"], step=opt["step"], rng=opt["rng"])
-    if int(state.step) != step:
-        raise CheckpointError(
-            f"checkpoint step {step} in {mngr.root} holds a state of step {int(state.step)}"
-        )
-    return state, tx, cfg, tcfg, pos, meta

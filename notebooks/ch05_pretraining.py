@@ -56,7 +56,8 @@ import jaxgpt
 import jaxgpt.plot
 import jaxgpt.weights
 from jaxgpt import train as jt
-from jaxgpt.checkpoint import CheckpointManager, load_checkpoint
+from jaxgpt.checkpoint import CheckpointManager, load_checkpoint, save_checkpoint
+from jaxgpt.data import prepare_data
 from jaxgpt.generation import apply_temperature, sample_next_token, top_k_mask, top_p_mask
 from jaxgpt.plot import figure_dir, save_figure
 
@@ -188,7 +189,7 @@ else:  # untrained: about as unsure as a uniform guess over the vocabulary
 # ## 5.1.3 Training and validation losses
 #
 # The text is split 90/10 by characters, as in the book, and cut into non-overlapping windows of
-# `context_length` tokens (`jaxgpt.train.prepare_data`).
+# `context_length` tokens (`jaxgpt.data.prepare_data`).
 
 # %%
 tcfg = jt.TrainConfig(
@@ -201,7 +202,7 @@ tcfg = jt.TrainConfig(
     seed=123,
     sample_tokens=50 if not QUICK else 8,
 )
-data = jt.prepare_data(text_data, cfg.context_length, tcfg)
+data = prepare_data(text_data, cfg.context_length, tcfg)
 print(f"train: {data.train_tokens:,} tokens, {len(data.train_loader)} batches of {tcfg.batch_size}")
 print(f"val:   {data.val_tokens:,} tokens, {len(data.val_loader)} batch(es)")
 train_loss = jaxgpt.calc_loss_loader(initial_params, cfg, data.train_loader)
@@ -526,7 +527,7 @@ assert jnp.array_equal(sampled, sampled_again)
 # %%
 with tempfile.TemporaryDirectory() as run_dir:
     mngr = CheckpointManager(run_dir)
-    jt.save_checkpoint(mngr, state, cfg, tcfg, pos, jt.total_train_steps(data.train_loader, tcfg))
+    save_checkpoint(mngr, state, cfg, tcfg, pos, jt.total_train_steps(data.train_loader, tcfg))
     loaded_cfg, loaded = load_checkpoint(run_dir)
     same_params = jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), loaded, trained))
     same_cfg = loaded_cfg == cfg

@@ -1,59 +1,100 @@
 """Pretrain a GPT on text (book chapter 5): ``python scripts/train.py`` trains the quickstart preset.
 
-Everything here is wiring: options -> jaxgpt.train (loop, loss, optimizer) and
-jaxgpt.checkpoint (orbax). The output directory gets
+Everything here is wiring: options -> jaxgpt.data (corpus), jaxgpt.train (loop, loss, optimizer)
+and jaxgpt.checkpoint (orbax). The output directory gets
 
   config.json     model and training options, data paths and a fingerprint of the tokens
   metrics.jsonl   one JSON object per evaluation (step, epoch, tokens_seen, train/val loss, lr)
   loss.png        training and validation loss against tokens seen (the book's figure 5.12)
   checkpoints/    orbax checkpoints: every --save-every steps, at the end and on Ctrl-C
 
-Exit codes: 0 done, 1 non-finite loss, 2 bad input (nothing trained), 130 interrupted by
-Ctrl-C after saving a checkpoint (continue with --resume).
+Exit codes: see EXIT_CODES (also printed by --help).
 """
 
-from __future__ import annotations
-
-import argparse
-import datetime
-import json
-import math
 import signal
 import sys
-import time
-from pathlib import Path
-from typing import Any
+
+
+class Interrupted(Exception):
+    """Ctrl-C was pressed; raised where the script can stop cleanly."""
+
+
+class _CtrlC:
+    """Ctrl-C only sets a flag, which the script checks between the steps of its work.
+
+    Raising from the handler instead could land anywhere, e.g. in JAX's garbage-collection
+    callback, which swallows the exception ("Exception ignored in ...") and lets the run go on.
+    A second Ctrl-C raises KeyboardInterrupt at once: stop without saving.
+    """
+
+    pressed = False
+
+    @classmethod
+    def handler(cls, signum: int, frame: object) -> None:
+        if cls.pressed:
+            raise KeyboardInterrupt
+        cls.pressed = True
+
+    @classmethod
+    def check(cls) -> None:
+        if cls.pressed:
+            raise Interrupted
+
+
+if __name__ == "__main__":  # from the first moment: importing JAX alone takes seconds
+    signal.signal(signal.SIGINT, _CtrlC.handler)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # one pending since a re-execution
+
+import argparse  # noqa: E402
+import datetime  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import os  # noqa: E402
+import shutil  # noqa: E402
+import time  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(ROOT))
 
 import jax  # noqa: E402
+import optax  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from jaxgpt import sharding  # noqa: E402
-from jaxgpt.checkpoint import CheckpointError, CheckpointManager  # noqa: E402
-from jaxgpt.config import PRESETS, backend_defaults, get_config  # noqa: E402
-from jaxgpt.data import default_corpus  # noqa: E402
+from jaxgpt.checkpoint import (  # noqa: E402
+    CheckpointError,
+    CheckpointManager,
+    restore_checkpoint,
+    save_checkpoint,
+)
+from jaxgpt.config import PRESETS, GPTConfig, backend_defaults, get_config  # noqa: E402
+from jaxgpt.data import Data, DataError, default_corpus, load_corpus, prepare_data  # noqa: E402
 from jaxgpt.model import count_params  # noqa: E402
 from jaxgpt.plot import plot_losses  # noqa: E402
 from jaxgpt.shards import is_shard_dir, shard_loaders  # noqa: E402
 from jaxgpt.train import (  # noqa: E402
-    Data,
-    DataError,
     Hooks,
     NonFiniteLossError,
     Position,
     TrainConfig,
+    TrainConfigError,
+    TrainState,
     create_train_state,
     default_train_config,
-    load_corpus,
     make_optimizer,
-    prepare_data,
-    restore_checkpoint,
-    save_checkpoint,
     total_train_steps,
     train,
+)
+
+EXIT_CODES = (
+    "Exit codes: 0 finished (or the resumed run was already complete); 1 a failure during training "
+    "(a non-finite loss or parameter; nothing non-finite is saved); 2 bad input, reported in one line "
+    "before any work, nothing written; 130 interrupted by Ctrl-C: once training has begun a checkpoint "
+    "is saved first (continue with --resume OUT), before that nothing is left behind."
 )
 
 # CLI flag -> TrainConfig field; the default of each comes from the preset (TRAIN_PRESETS).
@@ -72,38 +113,47 @@ TRAIN_FLAGS = {
     "eval_iter": "eval_iter",
     "seed": "seed",
     "sample_tokens": "sample_tokens",
+    "sample_temperature": "sample_temperature",
+    "sample_top_k": "sample_top_k",
 }
+FLAG_OF_FIELD = {field: "--" + flag.replace("_", "-") for flag, field in TRAIN_FLAGS.items()}
 RUN_FLAGS = ("preset", "data", "context_length", "dtype", "remat", "set", "save_every", "keep", "out")
+SAVE_EVERY, KEEP = 100, 2
 
 
 class UsageError(ValueError):
-    pass
+    """A bad option or file, named in one line (exit 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, not argparse's usage block
+        self.exit(2, f"error: {message} (see --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
     qs = default_train_config("quickstart")
     book = TrainConfig()
-    p = argparse.ArgumentParser(
+    p = _Parser(
         description="Pretrain a GPT model on plain text (the book's chapter 5), with evaluation, samples, "
         "a loss plot and resumable checkpoints. Defaults marked 'preset' come from the preset: "
         f"quickstart uses lr {qs.learning_rate}, {qs.warmup_steps} warmup steps, batch {qs.batch_size}, "
-        f"{qs.num_epochs} epochs, eval every {qs.eval_freq} steps; other presets the book's lr "
+        f"{qs.num_epochs} epochs, eval every {qs.eval_freq} steps, samples drawn at temperature "
+        f"{qs.sample_temperature} from the top {qs.sample_top_k} tokens; other presets the book's lr "
         f"{book.learning_rate}, batch {book.batch_size}, {book.num_epochs} epochs, "
-        f"eval every {book.eval_freq}.",
-        epilog="Exit codes: 0 finished, 1 non-finite loss, 2 bad input (before training), "
-        "130 interrupted by Ctrl-C (a checkpoint was saved; continue with --resume OUT). "
-        "Compiled steps are kept in JAX's persistent cache (~/.cache/jaxgpt/xla, or "
+        f"eval every {book.eval_freq}, greedy samples.",
+        epilog=f"{EXIT_CODES} Compiled steps are kept in JAX's persistent cache (~/.cache/jaxgpt/xla, or "
         "$JAX_COMPILATION_CACHE_DIR), so a second run of the same shapes starts without compiling; "
         "JAXGPT_NO_COMPILE_CACHE=1 turns it off.",
     )
     a = p.add_argument
-    a("--preset", default="quickstart", choices=sorted(PRESETS), help="model size (default: %(default)s)")
+    a("--preset", choices=sorted(PRESETS), help="model size (default: quickstart)")
     a(
         "--data",
         nargs="+",
         metavar="PATH",
-        help="UTF-8 text file(s) and/or directories of .txt files (default: jaxgpt's built-in corpus, "
-        "the Python help topics, ~139k tokens)",
+        help="UTF-8 text file(s) and/or directories of .txt files, or one directory prepared by "
+        "scripts/prepare.py (streamed, not loaded) (default: jaxgpt's built-in corpus, the Python help "
+        "topics, ~139k tokens)",
     )
     a(
         "--context-length",
@@ -141,22 +191,31 @@ def build_parser() -> argparse.ArgumentParser:
     a(
         "--sample-tokens",
         type=int,
-        help="tokens of the greedy sample of 'Every effort moves you' each epoch; 0: none (default 50)",
+        help=f"tokens of the sample continuing {book.start_context!r} after each epoch; 0: none "
+        f"(default: {book.sample_tokens})",
     )
-    a("--seed", type=int, help=f"seed of init, dropout and data order (default: {book.seed})")
+    a(
+        "--sample-temperature",
+        type=float,
+        help="temperature of the epoch samples; 0: greedy (default: preset)",
+    )
+    a("--sample-top-k", type=int, help="draw the epoch samples from the k likeliest tokens (default: preset)")
+    a("--seed", type=int, help=f"seed of init, dropout, data order and samples (default: {book.seed})")
     a(
         "--save-every",
         type=int,
-        default=100,
-        help="save a checkpoint every this many steps; 0: only at the end (default: %(default)s)",
+        help=f"save a checkpoint every this many steps; 0: only at the end (default: {SAVE_EVERY})",
     )
-    a("--keep", type=int, default=2, help="checkpoints to keep, the latest ones (default: %(default)s)")
-    a("--out", help="output directory (default: runs/<preset>-<date>-<time>)")
+    a("--keep", type=int, help=f"checkpoints to keep, the latest ones (default: {KEEP})")
+    a(
+        "--out",
+        help="output directory, new or empty (default: runs/<preset>-<date>-<time>)",
+    )
     a(
         "--resume",
         metavar="RUN_DIR",
         help="continue the run in RUN_DIR from its latest checkpoint, with its saved options and data "
-        "(give no other options)",
+        "(give no other options but --mesh)",
     )
     a(
         "--set",
@@ -168,18 +227,42 @@ def build_parser() -> argparse.ArgumentParser:
     a(
         "--mesh",
         help="device mesh, e.g. data=8 or data=2,fsdp=4 (axes data, fsdp, tensor; -1 = the rest). "
-        "Default: every device on data; one device runs unsharded. Allowed with --resume. "
-        "--data may also be a directory prepared by scripts/prepare.py (streamed, not loaded)",
+        "Default: every device on data; one device runs unsharded. Allowed with --resume",
     )
     return p
 
 
-def _make_mesh(args: argparse.Namespace) -> Any:
+@dataclass
+class RunSetup:
+    """Everything a run needs before its first step, for a new run and a resumed one alike."""
+
+    out: Path
+    cfg: GPTConfig
+    tcfg: TrainConfig
+    state: TrainState
+    tx: optax.GradientTransformation
+    pos: Position
+    data: Data
+    mesh: jax.sharding.Mesh | None
+    run_cfg: dict[str, Any]  # what config.json holds
+    resumed: bool
+
+    @property
+    def total_steps(self) -> int:
+        return self.run_cfg["total_steps"]
+
+
+# --------------------------------------------------------------------------------------------
+# Checks of the input (each raises UsageError, DataError or CheckpointError: exit 2)
+# --------------------------------------------------------------------------------------------
+
+
+def _make_mesh(spec: str | None) -> Any:
     """The device mesh of ``--mesh`` (scale-out, see jaxgpt/sharding.py), or None on one device."""
-    if args.mesh is None and jax.device_count() == 1:
+    if spec is None and jax.device_count() == 1:
         return None  # exactly the single-device path
     try:
-        return sharding.make_mesh(args.mesh)
+        return sharding.make_mesh(spec)
     except ValueError as e:
         raise UsageError(f"--mesh: {e}") from e
 
@@ -228,63 +311,76 @@ def _parse_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def _check_out_dir(out: Path) -> None:
+def _check_new_out(out: Path) -> None:
+    """``out`` must be new or an empty directory, and writable; nothing is created yet."""
+    if out.exists():
+        if not out.is_dir():
+            raise UsageError(f"--out {out} exists and is not a directory")
+        if (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir()):
+            raise UsageError(
+                f"--out {out} already holds a run's checkpoints; continue it with --resume {out}"
+            )
+        entries = sorted(p.name for p in out.iterdir())
+        if entries:
+            shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+            raise UsageError(f"--out {out} is not empty (it holds {shown}); give a new or empty directory")
+    parent = out if out.exists() else next(p for p in out.absolute().parents if p.exists())
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"output directory {out} cannot be written ({parent} is not a writable directory)")
+
+
+def _read_run_config(out: Path) -> dict[str, Any]:
+    """The config.json of run directory ``out``, checked to hold what a resume reads."""
+    if not out.exists():
+        raise UsageError(f"--resume {out} does not exist")
+    path = out / "config.json"
+    if not out.is_dir() or not path.is_file():
+        raise UsageError(f"--resume {out} is not a run directory (it has no config.json)")
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
+        run_cfg = json.loads(path.read_text())
     except OSError as e:
-        raise UsageError(f"output directory {out} cannot be written: {e.strerror or e}") from e
+        raise UsageError(f"{path} cannot be read: {e.strerror or e}") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UsageError(f"{path} is not valid JSON ({e})") from e
+    expected = {"total_steps": int, "save_every": int, "keep": int, "num_params": int, "data": dict}
+    kind_names = {int: "an integer", dict: "an object"}
+    problems = []
+    if not isinstance(run_cfg, dict):
+        problems.append(f"it holds a {type(run_cfg).__name__}, not an object")
+    else:
+        for key, kind in expected.items():
+            if not isinstance(run_cfg.get(key), kind) or isinstance(run_cfg.get(key), bool):
+                problems.append(f"{key!r} is missing or not {kind_names[kind]}")
+        data = run_cfg.get("data")
+        if isinstance(data, dict):
+            paths = data.get("paths")
+            if not isinstance(data.get("fingerprint"), str):
+                problems.append("'data.fingerprint' is missing or not a string")
+            if paths is not None and not (isinstance(paths, list) and all(isinstance(p, str) for p in paths)):
+                problems.append("'data.paths' is neither null nor a list of paths")
+    if not problems and (run_cfg["keep"] < 1 or run_cfg["save_every"] < 0 or run_cfg["total_steps"] < 1):
+        problems.append("'keep', 'save_every' or 'total_steps' is out of range")
+    if problems:
+        raise UsageError(f"{path} is not a train.py run config: {'; '.join(problems)}")
+    return run_cfg
 
 
-def setup(args: argparse.Namespace) -> dict[str, Any]:
-    """Everything before the first step: options, data, state. Raises on bad input."""
-    if args.resume:
-        given = [
-            f
-            for f in (*TRAIN_FLAGS, *RUN_FLAGS)
-            if f not in ("preset", "save_every", "keep", "set") and getattr(args, f) is not None
-        ]
-        given += ["set"] if args.set else []
-        if given:
-            flags = ", ".join("--" + f.replace("_", "-") for f in given)
-            raise UsageError(f"--resume continues with the run's saved options; drop {flags}")
-        out = Path(args.resume)
-        if not (out / "config.json").is_file():
-            raise CheckpointError(f"cannot resume: {out} is not a run directory (it has no config.json)")
-        run_cfg = json.loads((out / "config.json").read_text())
-        _check_out_dir(out)
-        mngr = CheckpointManager(out, keep=run_cfg["keep"])
-        mesh = _make_mesh(args)
-        state, tx, cfg, tcfg, pos, _ = restore_checkpoint(mngr, mesh=mesh)
-        paths = run_cfg["data"]["paths"]
-        data = _load_data(paths, cfg.context_length, tcfg)
-        if data.fingerprint != run_cfg["data"]["fingerprint"]:
-            raise DataError(f"the data of {out} changed since the run started (token fingerprint differs)")
-        return dict(
-            out=out,
-            mngr=mngr,
-            state=state,
-            tx=tx,
-            cfg=cfg,
-            tcfg=tcfg,
-            pos=pos,
-            data=data,
-            run_cfg=run_cfg,
-            save_every=run_cfg["save_every"],
-            resumed=True,
-            mesh=mesh,
-        )
+def _train_config(preset: str, args: argparse.Namespace) -> TrainConfig:
+    changes = {
+        field: getattr(args, flag) for flag, field in TRAIN_FLAGS.items() if getattr(args, flag) is not None
+    }
+    try:
+        return default_train_config(preset).replace(**changes)
+    except TrainConfigError as e:  # name the flag the user typed, not the field
+        raise UsageError(f"{FLAG_OF_FIELD.get(e.field, e.field)} {e.problem}") from e
 
-    if args.save_every < 0 or args.keep < 1:
-        raise UsageError(f"--save-every must be >= 0 and --keep >= 1, got {args.save_every} and {args.keep}")
-    preset_cfg = get_config(args.preset)
+
+def _model_config(preset: str, args: argparse.Namespace) -> GPTConfig:
+    preset_cfg = get_config(preset)
     overrides = _parse_overrides(args.set)
     if args.dtype is not None:
         overrides["dtype"] = args.dtype
-    n_layers = overrides.get("n_layers", preset_cfg.n_layers)
-    defaults = backend_defaults(jax.default_backend(), n_layers)
+    defaults = backend_defaults(jax.default_backend(), overrides.get("n_layers", preset_cfg.n_layers))
     if overrides.get("dtype") == "float32":  # float32 asked for: no bf16 activations either
         defaults.pop("activation_dtype", None)
     overrides = {**defaults, **overrides}
@@ -293,33 +389,71 @@ def setup(args: argparse.Namespace) -> dict[str, Any]:
     if args.context_length is not None:
         if not 0 < args.context_length <= preset_cfg.context_length:
             raise UsageError(
-                f"--context-length {args.context_length} does not fit preset {args.preset!r}: "
+                f"--context-length {args.context_length} does not fit preset {preset!r}: "
                 f"it must be between 1 and its context length {preset_cfg.context_length}"
             )
         overrides["context_length"] = args.context_length
     try:
-        cfg = preset_cfg.replace(**overrides)
+        return preset_cfg.replace(**overrides)
     except TypeError as e:
         raise UsageError(f"--set names an unknown GPTConfig field: {e}") from e
-    changes = {
-        field: getattr(args, flag) for flag, field in TRAIN_FLAGS.items() if getattr(args, flag) is not None
-    }
-    tcfg = default_train_config(args.preset).replace(**changes)
+    except ValueError as e:
+        raise UsageError(f"--set: {e}") from e
 
-    out = (
-        Path(args.out)
-        if args.out
-        else Path("runs") / f"{args.preset}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
-    )
-    if (out / "checkpoints").exists() and any((out / "checkpoints").iterdir()):
-        raise UsageError(
-            f"{out} already holds a run's checkpoints; continue it with --resume {out}, "
-            "or choose another --out"
-        )
-    mesh = _make_mesh(args)
+
+# --------------------------------------------------------------------------------------------
+# Setup: a new run or a resumed one
+# --------------------------------------------------------------------------------------------
+
+
+def setup(args: argparse.Namespace) -> RunSetup | None:
+    """Everything before the first step: options, data, state; None for a finished run.
+
+    Raises on bad input and writes nothing: the run's files appear when training starts.
+    """
+    return _setup_resume(args) if args.resume else _setup_new(args)
+
+
+def _setup_resume(args: argparse.Namespace) -> RunSetup | None:
+    given = [f for f in (*TRAIN_FLAGS, *RUN_FLAGS) if getattr(args, f) not in (None, [])]
+    if given:
+        flags = ", ".join("--" + f.replace("_", "-") for f in given)
+        raise UsageError(f"--resume continues with the run's saved options; drop {flags}")
+    out = Path(args.resume)
+    run_cfg = _read_run_config(out)
+    if not (out / "checkpoints").is_dir():
+        raise CheckpointError(f"cannot resume: no checkpoint in {out / 'checkpoints'}")
+    mngr = CheckpointManager(out, keep=run_cfg["keep"], read_only=True)
+    if mngr.latest_step() is None:
+        raise CheckpointError(f"cannot resume: no checkpoint in {mngr.root}")
+    if mngr.latest_step() >= run_cfg["total_steps"]:
+        return None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise UsageError(f"--resume {out} cannot be written")
+    mesh = _make_mesh(args.mesh)
+    state, tx, cfg, tcfg, pos, _ = restore_checkpoint(mngr, mesh=mesh)
+    _CtrlC.check()
+    data = _load_data(run_cfg["data"]["paths"], cfg.context_length, tcfg)
+    if data.fingerprint != run_cfg["data"]["fingerprint"]:
+        raise DataError(f"the data of {out} changed since the run started (token fingerprint differs)")
+    return RunSetup(out, cfg, tcfg, state, tx, pos, data, mesh, run_cfg, resumed=True)
+
+
+def _setup_new(args: argparse.Namespace) -> RunSetup:
+    save_every = SAVE_EVERY if args.save_every is None else args.save_every
+    keep = KEEP if args.keep is None else args.keep
+    if save_every < 0:
+        raise UsageError(f"--save-every must be an integer >= 0, got {save_every}")
+    if keep < 1:
+        raise UsageError(f"--keep must be a positive integer, got {keep}")
+    preset = args.preset or "quickstart"
+    cfg, tcfg = _model_config(preset, args), _train_config(preset, args)
+    out = Path(args.out) if args.out else Path("runs") / f"{preset}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    _check_new_out(out)
+    mesh = _make_mesh(args.mesh)
+    _CtrlC.check()
     data = _load_data(args.data, cfg.context_length, tcfg)
-    _check_out_dir(out)
-
+    _CtrlC.check()
     total = total_train_steps(data.train_loader, tcfg)
     if mesh is None:
         state, tx = create_train_state(cfg, tcfg, jax.random.PRNGKey(tcfg.seed), total)
@@ -327,7 +461,7 @@ def setup(args: argparse.Namespace) -> dict[str, Any]:
         new = lambda: create_train_state(cfg, tcfg, jax.random.PRNGKey(tcfg.seed), total)[0]  # noqa: E731
         state, tx = sharding.init_sharded(new, mesh)[0], make_optimizer(tcfg, total)
     run_cfg = {
-        "preset": args.preset,
+        "preset": preset,
         "model_config": cfg.to_dict(),
         "train_config": tcfg.to_dict(),
         "data": {
@@ -337,37 +471,24 @@ def setup(args: argparse.Namespace) -> dict[str, Any]:
             "fingerprint": data.fingerprint,
         },
         "total_steps": total,
-        "save_every": args.save_every,
-        "keep": args.keep,
+        "save_every": save_every,
+        "keep": keep,
         "num_params": count_params(state.params),
     }
-    if jax.process_index() == 0:
-        (out / "config.json").write_text(json.dumps(run_cfg, indent=2) + "\n")
-        (out / "metrics.jsonl").write_text("")
-    mngr = CheckpointManager(out, keep=args.keep)
-    return dict(
-        out=out,
-        mngr=mngr,
-        state=state,
-        tx=tx,
-        cfg=cfg,
-        tcfg=tcfg,
-        pos=Position(),
-        data=data,
-        run_cfg=run_cfg,
-        save_every=args.save_every,
-        resumed=False,
-        mesh=mesh,
-    )
+    return RunSetup(out, cfg, tcfg, state, tx, Position(), data, mesh, run_cfg, resumed=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------
 
 
 class CLIHooks(Hooks):
     """Progress bar, printed evaluations and samples, metrics.jsonl, checkpoints and Ctrl-C."""
 
-    def __init__(self, run: dict[str, Any]) -> None:
-        self.run, self.main = run, jax.process_index() == 0
-        self.metrics_path = run["out"] / "metrics.jsonl"
-        self.interrupted = False
+    def __init__(self, run: RunSetup, mngr: CheckpointManager) -> None:
+        self.run, self.mngr, self.main = run, mngr, jax.process_index() == 0
+        self.metrics_path = run.out / "metrics.jsonl"
         self.saved: str | None = None
         self.bar: tqdm | None = None
         self.t0 = time.perf_counter()
@@ -379,16 +500,9 @@ class CLIHooks(Hooks):
             sys.stdout.flush()
 
     def on_start(self, state, pos, total_steps):  # noqa: ANN001
-        step = int(state.step)
         self.tokens0, self.t0 = pos.tokens_seen, time.perf_counter()
-        self.bar = tqdm(
-            total=total_steps,
-            initial=step,
-            desc="train",
-            unit="step",
-            disable=not self.main,
-            dynamic_ncols=True,
-        )
+        self.bar = tqdm(total=total_steps, initial=int(state.step), desc="train", unit="step",
+                        disable=not self.main, dynamic_ncols=True)  # fmt: skip
 
     def on_step(self, step, metrics, pos):  # noqa: ANN001
         if self.bar is not None:
@@ -411,17 +525,17 @@ class CLIHooks(Hooks):
         self._print(f"Ep {epoch + 1} sample: {sample}")
 
     def should_save(self, step):  # noqa: ANN001
-        return self.run["save_every"] > 0 and step % self.run["save_every"] == 0
+        save_every = self.run.run_cfg["save_every"]
+        return save_every > 0 and step % save_every == 0
 
     def save(self, state, pos, final):  # noqa: ANN001
         r = self.run
-        path = save_checkpoint(r["mngr"], state, r["cfg"], r["tcfg"], pos, r["run_cfg"]["total_steps"])
-        self.saved = path
+        self.saved = save_checkpoint(self.mngr, state, r.cfg, r.tcfg, pos, r.total_steps)
         if not final:
-            self._print(f"saved checkpoint {path}")
+            self._print(f"saved checkpoint {self.saved}")
 
     def should_stop(self, step):  # noqa: ANN001
-        return self.interrupted
+        return _CtrlC.pressed
 
     def close(self) -> None:
         if self.bar is not None:
@@ -441,70 +555,81 @@ def _records(path: Path, upto: int) -> list[dict[str, Any]]:
     return [r for r in records if isinstance(r, dict) and r.get("step", upto + 1) <= upto]
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    sharding.maybe_initialize_distributed()  # multi-host launchers: join before any JAX call
+def _create_run_dir(out: Path) -> Path | None:
+    """Create ``out`` (and missing parents); returns the topmost directory created, if any."""
+    missing = [p for p in (out, *out.parents) if not p.exists()]
     try:
-        run = setup(args)
-    except (UsageError, DataError, CheckpointError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"output directory {out} cannot be written: {e.strerror or e}") from e
+    return missing[-1] if missing else None
 
-    hooks = CLIHooks(run)
 
-    def on_sigint(signum, frame):  # noqa: ANN001
-        hooks.interrupted = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once
-        hooks._print("Ctrl-C: saving a checkpoint after this step (press again to abort without saving)")
+def _undo_new_run(out: Path, created: Path | None) -> None:
+    """Remove what a new run wrote before its first checkpoint: ``out`` is as it was (new or empty)."""
+    if created is not None:
+        shutil.rmtree(created, ignore_errors=True)
+    elif out.is_dir():
+        for p in out.iterdir():
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
 
-    # Installed before the first line is printed: from then on Ctrl-C saves and exits cleanly.
-    old_handler = signal.signal(signal.SIGINT, on_sigint)
-    out, cfg, tcfg, main_proc = run["out"], run["cfg"], run["tcfg"], jax.process_index() == 0
-    start_step = int(run["state"].step)
-    history = _records(out / "metrics.jsonl", start_step)
-    if main_proc:
-        (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
-        d = run["data"]
-        verb = f"Resuming at step {start_step}" if run["resumed"] else "Training"
-        print(
-            f"{verb}: {run['run_cfg']['num_params']:,} parameters, {d.train_tokens:,} train / "
-            f"{d.val_tokens:,} validation tokens, {run['run_cfg']['total_steps']} steps "
-            f"of {tcfg.grad_accum * tcfg.batch_size} x {cfg.context_length} tokens -> {out}",
-            flush=True,
-        )
 
-    t0 = time.perf_counter()
+def run_training(run: RunSetup) -> int:
+    """Write the run's files, train, plot; returns the exit code."""
+    out, cfg, tcfg, main_proc = run.out, run.cfg, run.tcfg, jax.process_index() == 0
+    start_step = int(run.state.step)
+    created = None if run.resumed else _create_run_dir(out)
+    mngr = hooks = None
     try:
-        state, pos, records = train(
-            run["state"],
-            run["tx"],
-            cfg,
-            tcfg,
-            run["data"].train_loader,
-            run["data"].val_loader,
-            run["pos"],
-            hooks,
-            mesh=run["mesh"],
-        )
-    except NonFiniteLossError as e:
-        hooks.close()
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    finally:
-        signal.signal(signal.SIGINT, old_handler)
-        hooks.close()
-    elapsed = time.perf_counter() - t0
+        history = _records(out / "metrics.jsonl", start_step)
+        if main_proc:
+            if not run.resumed:
+                (out / "config.json").write_text(json.dumps(run.run_cfg, indent=2) + "\n")
+            (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
+        mngr = CheckpointManager(out, keep=run.run_cfg["keep"])
+        hooks = CLIHooks(run, mngr)
+        _CtrlC.check()
+        if main_proc:
+            d = run.data
+            verb = f"Resuming at step {start_step}" if run.resumed else "Training"
+            print(
+                f"{verb}: {run.run_cfg['num_params']:,} parameters, {d.train_tokens:,} train / "
+                f"{d.val_tokens:,} validation tokens, {run.total_steps} steps "
+                f"of {tcfg.grad_accum * tcfg.batch_size} x {cfg.context_length} tokens -> {out}",
+                flush=True,
+            )
+        t0 = time.perf_counter()
+        try:
+            state, _, records = train(
+                run.state, run.tx, cfg, tcfg, run.data.train_loader, run.data.val_loader, run.pos, hooks,
+                mesh=run.mesh,
+            )  # fmt: skip
+        finally:
+            hooks.close()
+        elapsed = time.perf_counter() - t0
+        history += records
+        if main_proc and history:
+            plot_losses(history, out / "loss.png")
+    except (Interrupted, KeyboardInterrupt):
+        if not run.resumed and (mngr is None or not mngr.all_steps()):
+            _undo_new_run(out, created)
+            print("interrupted before the first checkpoint: nothing was left behind", file=sys.stderr)
+        else:
+            print(f"interrupted without saving: continue with --resume {out}", file=sys.stderr)
+        return 130
 
-    history += records
-    if main_proc and history:
-        plot_losses(history, out / "loss.png")
     step = int(state.step)
-    if hooks.interrupted and step < run["run_cfg"]["total_steps"]:
-        print(
-            f"Interrupted at step {step}: saved checkpoint {hooks.saved}.\n"
-            f"Resume with: python scripts/train.py --resume {out}",
-            flush=True,
+    if _CtrlC.pressed:
+        then = (
+            f"continue with: python scripts/train.py --resume {out}"
+            if step < run.total_steps
+            else "the run is complete"
         )
+        print(f"interrupted at step {step} of {run.total_steps}: saved checkpoint {hooks.saved}; {then}",
+              file=sys.stderr, flush=True)  # fmt: skip
         return 130
     last = history[-1] if history else {}
     if main_proc:
@@ -518,14 +643,48 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    try:  # re-run once with the allocator that makes CPU steps faster (see jaxgpt/launch.py)
-        from jaxgpt.launch import relaunch_with_fast_allocator
-    except ImportError:
-        pass
-    else:
-        relaunch_with_fast_allocator()
-        from jaxgpt.xla import enable_compilation_cache
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)  # a bad option: one line, exit 2
+    previous = signal.signal(signal.SIGINT, _CtrlC.handler)
+    try:
+        try:
+            _CtrlC.check()
+            sharding.maybe_initialize_distributed()  # multi-host launchers: join before any JAX call
+            run = setup(args)
+        except (UsageError, DataError, CheckpointError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        except (Interrupted, KeyboardInterrupt):
+            print("interrupted before training began: nothing was written", file=sys.stderr)
+            return 130
+        if run is None:
+            print(f"{args.resume} is already complete: nothing to do (its files are unchanged)")
+            return 0
+        return run_training(run)
+    except NonFiniteLossError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
-        enable_compilation_cache()  # a second run of the same shapes skips the compile
-    sys.exit(main())
+
+if __name__ == "__main__":
+    # Ctrl-C stays pending while the process re-executes itself: the signal mask and pending
+    # signals survive execve, and the new process unblocks them once its handler is installed.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    if not _CtrlC.pressed:
+        try:  # re-run once with the allocator that makes CPU steps faster (see jaxgpt/launch.py)
+            from jaxgpt.launch import relaunch_with_fast_allocator
+        except ImportError:
+            pass
+        else:
+            relaunch_with_fast_allocator()
+            from jaxgpt.xla import enable_compilation_cache
+
+            enable_compilation_cache()  # a second run of the same shapes skips the compile
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # a second Ctrl-C where nothing else caught it
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

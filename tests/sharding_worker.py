@@ -123,8 +123,8 @@ def meshes(out_path: str, ckpt_dir: str) -> None:
 
     # Save on fsdp=8 with the trainer's checkpoints (orbax), restore onto data=2,fsdp=4 and onto
     # one device with target shardings; the test process (one device) loads it once more.
-    from jaxgpt.checkpoint import CheckpointManager
-    from jaxgpt.train import Position, restore_checkpoint, save_checkpoint
+    from jaxgpt.checkpoint import CheckpointManager, restore_checkpoint, save_checkpoint
+    from jaxgpt.train import Position
 
     saved = states["fsdp=8"]
     mngr = CheckpointManager(ckpt_dir, keep=1)

@@ -1,25 +1,25 @@
 """Checkpoints: resume is bit-identical, load_checkpoint round trip, keep-last-k, atomic, corrupt ones."""
 
+import logging
 import math
 import shutil
+import subprocess
+import sys
 
 import jax
 import numpy as np
 import pytest
 
-from jaxgpt.checkpoint import CheckpointError, CheckpointManager, load_checkpoint
-from jaxgpt.config import GPTConfig
-from jaxgpt.data import DataLoader, sliding_windows
-from jaxgpt.train import (
-    Hooks,
-    Position,
-    TrainConfig,
-    create_train_state,
+from jaxgpt.checkpoint import (
+    CheckpointError,
+    CheckpointManager,
+    load_checkpoint,
     restore_checkpoint,
     save_checkpoint,
-    total_train_steps,
-    train,
 )
+from jaxgpt.config import GPTConfig
+from jaxgpt.data import DataLoader, sliding_windows
+from jaxgpt.train import Hooks, Position, TrainConfig, create_train_state, total_train_steps, train
 
 V = 32
 CFG = GPTConfig(vocab_size=V, context_length=8, emb_dim=16, n_heads=2, n_layers=1, drop_rate=0.1)
@@ -165,3 +165,20 @@ def test_relative_run_directories_save_and_load(tmp_path, monkeypatch):
     assert cfg == CFG and leaves_equal(params, state.params)
     cfg, params = load_checkpoint("runs/rel/checkpoints/0")
     assert leaves_equal(params, state.params)
+
+
+def test_non_finite_params_are_refused_on_load(tmp_path):
+    state, _ = create_train_state(CFG, TCFG, jax.random.PRNGKey(0), 12)
+    nan_params = jax.tree.map(lambda p: p * np.nan, state.params)
+    save_checkpoint(CheckpointManager(tmp_path), state.replace(params=nan_params), CFG, TCFG, Position(), 12)
+    with pytest.raises(CheckpointError, match="holds non-finite"):
+        load_checkpoint(tmp_path)
+
+
+def test_importing_the_module_leaves_logging_alone():
+    code = (
+        "import logging; logging.getLogger('absl').setLevel(logging.DEBUG); import jaxgpt.checkpoint; "
+        "print(logging.getLogger('absl').level)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == str(logging.DEBUG)

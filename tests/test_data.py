@@ -8,13 +8,17 @@ import numpy as np
 import pytest
 
 from jaxgpt.data import (
+    DataError,
     DataLoader,
     create_dataloader,
     default_corpus,
+    load_corpus,
+    prepare_data,
     sliding_windows,
     train_val_split,
 )
-from jaxgpt.tokenizer import get_tokenizer
+from jaxgpt.tokenizer import EOT_ID, get_tokenizer
+from jaxgpt.train import TrainConfig
 
 IDS_20 = list(range(20))
 
@@ -193,3 +197,53 @@ def test_default_corpus_is_deterministic_and_large() -> None:
     # Enough tokens for a 256-token context with a 90/10 split.
     _, val = train_val_split(corpus)
     assert len(create_dataloader(val, batch_size=2, max_length=256, stride=256)) > 10
+
+
+def test_load_corpus_joins_documents_with_endoftext_in_path_order(tmp_path) -> None:
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "b.txt").write_text("second")
+    (tmp_path / "docs" / "a.txt").write_text("first")
+    (tmp_path / "docs" / "skip.md").write_text("not text")
+    (tmp_path / "last.txt").write_text("third")
+    text = load_corpus([tmp_path / "docs", tmp_path / "last.txt"])
+    assert text == "first\n<|endoftext|>\nsecond\n<|endoftext|>\nthird"
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda d: [], "no input given"),
+        (lambda d: [d / "missing.txt"], "does not exist"),
+        (lambda d: [(d / "sub").mkdir() or d / "sub"], "contains no .txt files"),
+        (lambda d: [(d / "blank.txt").write_text(" \n") and d / "blank.txt"], "is empty"),
+        (lambda d: [(d / "bad.txt").write_bytes(b"ok \xff") and d / "bad.txt"], "is not UTF-8 text (byte 3"),
+    ],
+    ids=["nothing", "missing", "no-txt", "blank", "not-utf8"],
+)
+def test_load_corpus_names_the_bad_file(tmp_path, make, message) -> None:
+    with pytest.raises(DataError, match=message.replace("(", r"\(")):
+        load_corpus(make(tmp_path))
+
+
+def test_prepare_data_splits_windows_and_fingerprints() -> None:
+    text = default_corpus()[:20_000]
+    tcfg = TrainConfig(batch_size=4, seed=3)
+    data = prepare_data(text, 32, tcfg)
+    tok = get_tokenizer()
+    train_text, val_text = text[:18_000], text[18_000:]  # the book's 90/10 split by characters
+    assert data.train_tokens == len(tok.encode(train_text)) and data.val_tokens == len(tok.encode(val_text))
+    assert data.train_loader.num_windows == math.ceil((data.train_tokens - 32) / 32)
+    assert len(data.val_loader) == math.ceil(data.val_loader.num_windows / 4)  # keeps the short batch
+    x, y = next(iter(data.val_loader))
+    np.testing.assert_array_equal(x[0], tok.encode(val_text)[:32])
+    np.testing.assert_array_equal(y[0], tok.encode(val_text)[1:33])
+    assert data.fingerprint == prepare_data(text, 32, tcfg).fingerprint
+    assert data.fingerprint != prepare_data(text + " more", 32, tcfg).fingerprint
+    assert EOT_ID not in x  # no separator in a single document
+
+
+def test_prepare_data_names_what_does_not_fit() -> None:
+    with pytest.raises(DataError, match="corpus too small"):
+        prepare_data("Every effort moves you " * 10, 32, TrainConfig())
+    with pytest.raises(DataError, match="batch too large: a step takes batch_size x grad_accum = 64 x 4"):
+        prepare_data(default_corpus()[:20_000], 32, TrainConfig(batch_size=64, grad_accum=4))

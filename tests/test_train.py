@@ -17,6 +17,7 @@ from jaxgpt.train import (
     Hooks,
     NonFiniteLossError,
     TrainConfig,
+    TrainConfigError,
     create_train_state,
     epoch_batches,
     evaluate,
@@ -203,10 +204,50 @@ def test_non_finite_loss_stops_before_saving_the_bad_state():
     assert not any(final for _, final, _ in hooks.saved)
 
 
+def test_non_finite_params_are_never_saved_even_when_the_loss_was_finite():
+    # An infinite learning rate: step 1's loss and gradient are finite (computed before the
+    # update), its params are not. Checked before the save, so nothing is saved.
+    train_loader, val_loader = cycle_loaders(batch_size=4)
+    tcfg = TrainConfig(batch_size=4, max_steps=5, eval_freq=100, sample_tokens=0)
+    state, _ = create_train_state(TINY, tcfg, jax.random.PRNGKey(0), 5)
+    tx = optax.sgd(float("inf"))
+    state = state.replace(opt_state=tx.init(state.params))
+    hooks = Recorder(save_every=1)
+    with pytest.raises(NonFiniteLossError, match="non-finite parameters at step 1"):
+        train(state, tx, TINY, tcfg, train_loader, val_loader, hooks=hooks)
+    assert hooks.saved == []
+    assert [s for s, _ in hooks.steps] == [1] and math.isfinite(hooks.steps[0][1])
+
+
+def test_a_finished_run_does_nothing():
+    train_loader, val_loader = cycle_loaders(batch_size=4)
+    tcfg = TrainConfig(batch_size=4, max_steps=3, sample_tokens=2)
+    state, tx = create_train_state(TINY, tcfg, jax.random.PRNGKey(0), 3)
+    hooks = Recorder(save_every=1)
+    state, pos, records = train(state.replace(step=state.step + 3), tx, TINY, tcfg, train_loader, val_loader,
+                                hooks=hooks)  # fmt: skip
+    assert (records, hooks.steps, hooks.evals, hooks.samples, hooks.saved) == ([], [], [], [], [])
+    assert int(state.step) == 3
+
+
 @pytest.mark.parametrize(
     "field, value",
-    [("learning_rate", 0), ("batch_size", 0), ("grad_accum", -1), ("train_ratio", 1.0), ("min_lr", 1.0)],
+    [
+        ("learning_rate", 0),
+        ("learning_rate", math.inf),
+        ("learning_rate", math.nan),
+        ("batch_size", 0),
+        ("batch_size", 2.5),
+        ("grad_accum", -1),
+        ("train_ratio", 1.0),
+        ("min_lr", 1.0),
+        ("grad_clip", math.inf),
+        ("weight_decay", math.nan),
+        ("sample_temperature", -1.0),
+        ("sample_top_k", 0),
+    ],
 )
 def test_train_config_rejects_bad_values(field, value):
-    with pytest.raises(ValueError, match=field):
+    with pytest.raises(TrainConfigError, match=f"TrainConfig.{field} ") as info:
         TrainConfig(**{field: value})
+    assert info.value.field == field

@@ -2,10 +2,13 @@
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import jax
@@ -69,58 +72,169 @@ def test_run_writes_config_metrics_plot_and_checkpoints(full_run, text_file):
     assert params["tok_emb"]["embedding"].shape == (50257, 16)
 
 
-def test_ctrl_c_saves_a_checkpoint_and_resume_ends_identical(full_run, text_file, tmp_path):
-    out = tmp_path / "interrupted"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "JAXGPT_NO_RELAUNCH": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, str(SCRIPT), *TINY, "--data", str(text_file), "--out", str(out)],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, cwd=ROOT,
-    )  # fmt: skip
-    lines = []
-    for line in proc.stdout:  # the first line comes just before the first step
-        lines.append(line)
-        if line.startswith("Training:"):
-            proc.send_signal(signal.SIGINT)
-            break
-    rest, _ = proc.communicate(timeout=300)
-    output = "".join(lines) + rest
-    assert proc.returncode == 130, output
-    assert f"Resume with: python scripts/train.py --resume {out}" in output
-    saved = sorted(int(p.name) for p in (out / "checkpoints").iterdir())
-    assert len(saved) == 1 and 1 <= saved[0] < 8, saved
-
-    assert cli.main(["--resume", str(out)]) == 0
-    assert same_params(load_checkpoint(out)[1], load_checkpoint(full_run)[1])
-    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 4, 7, 8][-len(steps) :] and steps[-1] == 8
+def run_main(argv) -> int:
+    """cli.main's exit code, also when argparse exits (a bad option) or main raises SystemExit."""
+    try:
+        return cli.main(argv)
+    except SystemExit as e:
+        return e.code
 
 
-def _error(capsys, argv) -> str:
-    assert cli.main(argv) == 2
-    return capsys.readouterr().err
+def snapshot(*roots: Path) -> dict[str, tuple]:
+    """Every file and directory under ``roots``: kind, size, modification time and content."""
+    return {
+        str(p): (p.is_dir(), p.stat().st_size, p.stat().st_mtime_ns, p.read_bytes() if p.is_file() else b"")
+        for root in roots
+        for p in [root, *root.rglob("*")]
+        if p.exists()
+    }
 
 
-@pytest.mark.parametrize(
-    "make, message",
-    [
-        (lambda d: d / "missing.txt", "does not exist"),
-        (lambda d: (d / "empty.txt").write_text("  \n") and d / "empty.txt", "is empty"),
-        (
-            lambda d: (d / "latin1.txt").write_bytes("caf\xe9 ".encode("latin-1") * 50) and d / "latin1.txt",
-            "is not UTF-8",
-        ),
-        (lambda d: (d / "sub").mkdir() or d / "sub", "holds no .txt files"),
-        (
-            lambda d: (d / "small.txt").write_text("Every effort moves you " * 8) and d / "small.txt",
-            "corpus too small",
-        ),
-    ],
-    ids=["missing", "empty", "not-utf8", "no-txt-in-dir", "too-small"],
-)
-def test_bad_data_is_named_before_training(capsys, tmp_path, make, message):
-    err = _error(capsys, [*TINY, "--data", str(make(tmp_path)), "--out", str(tmp_path / "out")])
-    assert message in err
-    assert not (tmp_path / "out" / "checkpoints").exists()
+def _file(name: str, content: bytes | str):
+    def make(d: Path) -> Path:
+        path = d / name
+        path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content)
+        return path
+
+    return make
+
+
+def _run_dir(config: str | None, with_checkpoints: bool = False):
+    """A directory like a run's: a config.json holding ``config`` (None: the full run's)."""
+
+    def make(d: Path, full: Path) -> Path:
+        run = d / "run"
+        if with_checkpoints:
+            shutil.copytree(full, run)
+        else:
+            run.mkdir()
+        (run / "config.json").write_text((full / "config.json").read_text() if config is None else config)
+        return run
+
+    return make
+
+
+def _damaged(d: Path, full: Path) -> Path:
+    """A run stopped at step 4 whose checkpoint's optimizer state was damaged."""
+    broken = d / "broken"
+    shutil.copytree(full, broken)
+    shutil.rmtree(broken / "checkpoints" / "8")
+    for f in (broken / "checkpoints" / "4" / "state").rglob("*"):
+        if f.is_file() and f.stat().st_size > 0:
+            f.write_bytes(b"\x00garbage")
+    return broken
+
+
+def _stray(d: Path) -> Path:
+    (d / "notes").mkdir()
+    (d / "notes" / "todo.txt").write_text("mine")
+    return d / "notes"
+
+
+def _killed_before_first_save(d: Path, full: Path) -> Path:
+    run = _run_dir(None)(d, full)
+    (run / "metrics.jsonl").write_text("")
+    (run / "checkpoints").mkdir()
+    return run
+
+
+# (id, extra options after TINY --data TEXT --out OUT, or a builder of the whole argv; expected
+# exit code, text the one-line message holds). Every case leaves every file as it was.
+BAD_OPTIONS = [
+    ("lr-inf", ["--lr", "inf"], "--lr must be a positive finite number, got inf"),
+    ("lr-nan", ["--lr", "nan"], "--lr must be a positive finite number, got nan"),
+    ("lr-zero", ["--lr", "0"], "--lr must be a positive finite number"),
+    ("lr-text", ["--lr", "fast"], "argument --lr: invalid float value: 'fast'"),
+    ("min-lr-above-lr", ["--lr", "1e-3", "--min-lr", "1"], "--min-lr must not exceed the learning rate"),
+    ("grad-clip-inf", ["--grad-clip", "inf"], "--grad-clip must be a positive finite number or None"),
+    ("weight-decay-nan", ["--weight-decay", "nan"], "--weight-decay must be a finite number >= 0"),
+    ("batch-size-zero", ["--batch-size", "0"], "--batch-size must be a positive integer, got 0"),
+    ("batch-size-text", ["--batch-size", "x"], "argument --batch-size: invalid int value: 'x'"),
+    ("epochs-negative", ["--epochs", "-1"], "--epochs must be a positive integer, got -1"),
+    ("max-steps-zero", ["--max-steps", "0"], "--max-steps must be a positive integer or None, got 0"),
+    ("grad-accum-zero", ["--grad-accum", "0"], "--grad-accum must be a positive integer"),
+    ("eval-freq-zero", ["--eval-freq", "0"], "--eval-freq must be a positive integer"),
+    ("seed-negative", ["--seed", "-1"], "--seed must be an integer >= 0"),
+    ("sample-temperature-negative", ["--sample-temperature", "-1"], "--sample-temperature must be"),
+    ("sample-top-k-zero", ["--sample-top-k", "0"], "--sample-top-k must be a positive integer"),
+    ("save-every-negative", ["--save-every", "-1"], "--save-every must be an integer >= 0"),
+    ("keep-zero", ["--keep", "0"], "--keep must be a positive integer"),
+    ("set-not-divisible", ["--set", "n_heads=3"], "--set: GPTConfig.emb_dim (16) must be divisible"),
+    ("set-drop-rate-nan", ["--set", "drop_rate=NaN"], "--set: GPTConfig.drop_rate must be in [0, 1)"),
+    ("set-unknown-field", ["--set", "width=3"], "--set names an unknown GPTConfig field"),
+    ("set-no-value", ["--set", "n_layers"], "--set expects FIELD=VALUE"),
+    ("context-too-long", ["--context-length", "4096"], "--context-length 4096 does not fit preset"),
+    ("unknown-preset", ["--preset", "gpt5"], "argument --preset: invalid choice: 'gpt5'"),
+    ("unknown-flag", ["--learning-rate", "1"], "unrecognized arguments: --learning-rate"),
+    ("bad-mesh", ["--mesh", "pipeline=2"], "--mesh"),
+    ("batch-too-large", ["--batch-size", "5000"], "batch too large"),
+]
+BAD_DATA = [  # (id, make the --data path in a directory, message)
+    ("missing", lambda d: d / "missing.txt", "does not exist"),
+    ("zero-bytes", _file("zero.txt", b""), "empty input file"),
+    ("blank", _file("blank.txt", "  \n"), "is empty"),
+    ("not-utf8", _file("latin1.txt", "caf\xe9 ".encode("latin-1") * 50), "is not UTF-8"),
+    ("no-txt-in-dir", lambda d: (d / "sub").mkdir() or d / "sub", "contains no .txt files"),
+    ("too-small", _file("small.txt", "Every effort moves you " * 8), "corpus too small"),
+]
+BAD_OUT = [  # (id, make the --out path from (directory, full run), message)
+    ("a-file", lambda d, full: _file("file", "x")(d), "exists and is not a directory"),
+    ("under-a-file", lambda d, full: _file("file", "x")(d) / "run", "cannot be written"),
+    ("not-empty", lambda d, full: _stray(d).parent, "is not empty (it holds notes)"),
+    (
+        "killed-before-first-save",
+        _killed_before_first_save,
+        "is not empty (it holds checkpoints, config.json",
+    ),
+    ("holding-a-config", _run_dir('{"keep": 2}'), "is not empty (it holds config.json)"),
+    ("a-finished-run", lambda d, full: full, "already holds a run's checkpoints; continue it with --resume"),
+]
+BAD_RESUME = [  # (id, make the --resume argv from (directory, full run), message)
+    ("missing", lambda d, full: [d / "nowhere"], "does not exist"),
+    ("no-config", lambda d, full: [d], "is not a run directory (it has no config.json)"),
+    ("invalid-json", _run_dir("{not json"), "config.json is not valid JSON"),
+    ("a-list", _run_dir("[1, 2]"), "config.json is not a train.py run config: it holds a list"),
+    ("missing-keys", _run_dir('{"keep": 2}'), "is not a train.py run config: 'total_steps' is missing"),
+    ("wrong-types", _run_dir('{"total_steps": "8", "save_every": 4, "keep": 2, "num_params": 1, "data": []}'),
+     "'total_steps' is missing or not an integer; 'data' is missing or not an object"),
+    ("no-checkpoints", _run_dir(None), "no checkpoint in"),
+    ("damaged-checkpoint", _damaged, "checkpoint step 4 in"),
+    ("with-options", lambda d, full: [full, "--lr", "1", "--save-every", "3"], "drop --lr, --save-every"),
+]  # fmt: skip
+
+
+def _cases():
+    for name, extra, message in BAD_OPTIONS:
+        argv = lambda d, full, text, extra=extra: [*TINY, "--data", text, "--out", d / "out", *extra]  # noqa: E731
+        yield pytest.param(argv, message, id=f"option-{name}")
+    for name, make, message in BAD_DATA:
+        yield pytest.param(lambda d, full, text, make=make: [*TINY, "--data", make(d), "--out", d / "out"],
+                           message, id=f"data-{name}")  # fmt: skip
+    for name, make, message in BAD_OUT:
+        yield pytest.param(lambda d, full, text, make=make: [*TINY, "--data", text, "--out", make(d, full)],
+                           message, id=f"out-{name}")  # fmt: skip
+    for name, make, message in BAD_RESUME:
+
+        def argv(d, full, text, make=make):
+            made = make(d, full)
+            return ["--resume", *(made if isinstance(made, list) else [made])]
+
+        yield pytest.param(argv, message, id=f"resume-{name}")
+
+
+@pytest.mark.parametrize("make_argv, message", list(_cases()))
+def test_bad_input_exits_2_with_one_line_and_changes_nothing(capsys, tmp_path, full_run, text_file,
+                                                             make_argv, message):  # fmt: skip
+    argv = [str(a) for a in make_argv(tmp_path, full_run, text_file)]
+    before = snapshot(tmp_path, full_run, text_file.parent)
+    capsys.readouterr()
+    rc = run_main(argv)
+    out, err = capsys.readouterr()
+    assert rc == 2, (argv, out, err)
+    assert err.startswith("error: ") and err.count("\n") == 1 and out == "", (out, err)
+    assert message in err, err
+    assert "Traceback" not in err
+    assert snapshot(tmp_path, full_run, text_file.parent) == before, "a file was changed or left behind"
 
 
 def test_unreadable_data_file(capsys, tmp_path, monkeypatch):
@@ -134,48 +248,95 @@ def test_unreadable_data_file(capsys, tmp_path, monkeypatch):
         return original(self)
 
     monkeypatch.setattr(Path, "read_bytes", deny)  # root can read any file, so deny it here
-    assert "cannot be read: Permission denied" in _error(capsys, [*TINY, "--data", str(path)])
+    assert run_main([*TINY, "--data", str(path), "--out", str(tmp_path / "out")]) == 2
+    assert "cannot be read: Permission denied" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
-def test_shapes_that_cannot_fit(capsys, text_file, tmp_path):
-    err = _error(capsys, ["--context-length", "4096", "--data", str(text_file), "--out", str(tmp_path)])
-    assert "--context-length 4096 does not fit preset 'quickstart'" in err
-    err = _error(capsys, [*TINY, "--batch-size", "5000", "--data", str(text_file), "--out", str(tmp_path)])
-    assert "batch too large" in err
+def test_resuming_a_finished_run_changes_nothing(capsys, full_run):
+    before = snapshot(full_run)
+    assert run_main(["--resume", str(full_run)]) == 0
+    out, err = capsys.readouterr()
+    assert out == f"{full_run} is already complete: nothing to do (its files are unchanged)\n", out
+    assert snapshot(full_run) == before
 
 
-def test_unwritable_output_dir(capsys, text_file, tmp_path):
-    blocker = tmp_path / "file"
-    blocker.write_text("not a directory")
-    err = _error(capsys, [*TINY, "--data", str(text_file), "--out", str(blocker / "run")])
-    assert f"output directory {blocker / 'run'} cannot be written" in err
+def _interrupt(text_file: Path, out: Path, moment: str | float) -> subprocess.Popen:
+    """Start train.py and send it SIGINT after ``moment`` seconds, or when a line starts with it."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # the allocator re-execution stays on: Ctrl-C survives it
+    proc = subprocess.Popen(
+        [sys.executable, str(SCRIPT), *TINY, "--data", str(text_file), "--out", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
+    )  # fmt: skip
+
+    def watch():
+        if isinstance(moment, float):
+            time.sleep(moment)
+            proc.send_signal(signal.SIGINT)
+        for line in proc.stdout:
+            proc.lines.append(line)
+            if isinstance(moment, str) and line.startswith(moment) and not proc.sent:
+                proc.sent = True
+                proc.send_signal(signal.SIGINT)
+
+    proc.lines, proc.sent = [], False
+    proc.watcher = threading.Thread(target=watch, daemon=True)
+    proc.watcher.start()
+    return proc
 
 
-def test_resume_needs_a_readable_checkpoint(capsys, full_run, tmp_path):
-    assert "is not a run directory" in _error(capsys, ["--resume", str(tmp_path)])
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    (empty / "config.json").write_text((full_run / "config.json").read_text())
-    assert "no checkpoint in" in _error(capsys, ["--resume", str(empty)])
+# From start-up (importing JAX) to the end (the last step done, its sample printed).
+MOMENTS = {
+    "start-up": 1.5,
+    "first-step": "Training:",
+    "mid-run": "saved checkpoint",
+    "last-step": "Ep 1 sample",
+}
 
-    broken = tmp_path / "broken"
-    shutil.copytree(full_run, broken)
-    for f in (broken / "checkpoints" / "8" / "state").rglob("*"):  # damage the latest step's optimizer state
-        if f.is_file() and f.stat().st_size > 0:
-            f.write_bytes(b"\x00garbage")
-    err = _error(capsys, ["--resume", str(broken)])
-    assert "checkpoint step 8" in err and "could not be read" in err and "steps [4]" in err
-    assert sorted(p.name for p in (broken / "checkpoints").iterdir()) == ["4", "8"]  # nothing removed
-    assert "drop --lr" in _error(capsys, ["--resume", str(full_run), "--lr", "1"])
+
+def test_ctrl_c_at_any_moment_exits_130_and_resumes_to_the_same_run(full_run, text_file, tmp_path):
+    procs = {name: _interrupt(text_file, tmp_path / name, moment) for name, moment in MOMENTS.items()}
+
+    def losses(run: Path) -> dict[str, float]:
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return {f"{r['step']} {split}": r[f"{split}_loss"] for r in records for split in ("train", "val")}
+
+    full_losses = losses(full_run)
+    for name, proc in procs.items():
+        err = proc.stderr.read()
+        proc.wait(timeout=300)
+        proc.watcher.join(timeout=60)
+        output = "".join(proc.lines) + err
+        assert proc.returncode == 130, (name, output)
+        assert "Traceback" not in err and "Exception ignored" not in err, (name, err)
+        messages = [m for m in re.split(r"[\r\n]+", err) if m.strip() and not m.startswith("train:")]
+        assert len(messages) == 1 and messages[0].startswith("interrupted"), (name, messages)
+
+        out = tmp_path / name
+        if not (out / "checkpoints").is_dir():  # stopped before training began: nothing left
+            assert name == "start-up" and not out.exists(), f"{name}: {sorted(out.rglob('*'))}"
+            assert messages[0].startswith("interrupted before") and "nothing was" in messages[0], messages
+            continue
+        saved = sorted(int(p.name) for p in (out / "checkpoints").iterdir())
+        assert saved and 1 <= saved[-1] <= 8, (name, saved)
+        resume = f"continue with: python scripts/train.py --resume {out}"
+        then = "the run is complete" if saved[-1] == 8 else resume
+        assert messages[0].endswith(then), (name, messages)
+        assert run_main(["--resume", str(out)]) == 0, name
+        assert same_params(load_checkpoint(out)[1], load_checkpoint(full_run)[1]), name
+        assert losses(out) == pytest.approx(full_losses, rel=1e-6), name
 
 
 def test_help_documents_every_flag():
     text = cli.build_parser().format_help()
     flags = """--preset --data --context-length --batch-size --stride --epochs --max-steps --lr --min-lr
         --weight-decay --warmup-steps --grad-clip --grad-accum --dtype --eval-freq --eval-iter --sample-tokens
-        --save-every --keep --seed --out --resume --set""".split()
+        --sample-temperature --sample-top-k --save-every --keep --seed --out --resume --set --mesh""".split()
     for flag in flags:
         assert flag in text
+    assert "Exit codes: 0 finished" in " ".join(text.split())
+    for code in ("1 a failure during training", "2 bad input", "130 interrupted by Ctrl-C"):
+        assert code in " ".join(text.split()), code
 
 
 def test_precision_defaults_follow_the_backend(full_run, text_file, tmp_path, monkeypatch):
