@@ -34,6 +34,8 @@ import json
 import os
 import re
 import secrets
+import sys
+import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -713,6 +715,8 @@ def _one_line(e: BaseException) -> str:
     """An exception's message in one line: without TensorStore's multi-line array spec, the first line."""
 
     text = re.sub(r"\s*See full TensorStore details: <bound method.*?\}\)>\.?", "", str(e), flags=re.DOTALL)
+    text = re.sub(r"\s*\[tensorstore_spec='.*?'\]", "", text)
+
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
     return lines[0] if lines else type(e).__name__
 
@@ -752,7 +756,31 @@ def _read_hf(path: Path, n_heads: int | None) -> tuple[GPTConfig, Params]:
 def _read_checkpoint(path: Path, n_heads: int | None) -> tuple[GPTConfig, Params]:
     from jaxgpt.checkpoint import load_checkpoint  # imported here: orbax is slow to import
 
-    return load_checkpoint(path)
+    with _quiet_closed_event_loop():
+        return load_checkpoint(path)
+
+
+@contextlib.contextmanager
+def _quiet_closed_event_loop() -> Iterator[None]:
+    """Drop the "Event loop is closed" errors that TensorStore's threads report, one traceback per
+    array still in flight, when orbax abandons a restore after a damaged array: the error the
+    restore raises already says what is wrong. After a failure the filter stays a moment longer,
+    for the reads still finishing."""
+    previous = sys.unraisablehook
+
+    def hook(unraisable: Any) -> None:
+        error = unraisable.exc_value
+        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+    try:
+        yield
+    except BaseException:
+        time.sleep(0.5)
+        raise
+    finally:
+        sys.unraisablehook = previous
 
 
 def _read_book(path: Path, n_heads: int | None) -> tuple[GPTConfig, Params]:
@@ -790,8 +818,8 @@ def check_finite(params: Params, where: str | Path = "params") -> None:
             kind = "NaN" if bool(jnp.any(jnp.isnan(leaf))) else "infinite"
             bad = int(jnp.size(finite) - jnp.sum(finite))
             raise ValueError(
-                f"{where}: tensor {'/'.join(path)} holds {bad} {kind} values; "
-                "a model with non-finite weights cannot generate (was it saved after training diverged?)"
+                f"{where}: tensor {'/'.join(path)} holds {bad} {kind} values; refusing a model with "
+                "non-finite weights (was it saved after training diverged?)"
             )
 
 
