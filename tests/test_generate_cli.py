@@ -189,9 +189,12 @@ def bad(tmp_path_factory) -> dict[str, Path]:
     return make_bad_models(tmp_path_factory.mktemp("bad"))
 
 
-def listing(root: Path) -> dict[str, tuple[int, int]]:
-    """Every file and directory under ``root`` with its size and modification time."""
-    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")}
+def listing(root: Path) -> dict[str, tuple[int, int] | None]:
+    """Every file under ``root`` with its size and modification time, and every directory."""
+    return {
+        str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) if p.is_file() else None
+        for p in root.rglob("*")
+    }
 
 
 def assert_one_line(err: str, pattern: str) -> None:
