@@ -23,11 +23,11 @@ JAXGPT_NO_COMPILE_CACHE=1 turns it off.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
 from typing import NoReturn
 
@@ -203,17 +203,24 @@ def main(argv: list[str] | None = None) -> int:
         return _fail("interrupted (Ctrl-C)", 130)
 
 
-def _exit_on_interrupt(signum, frame) -> None:
-    """Ctrl-C: stop at once with exit 130. generate.py writes no file, so there is nothing to
-    clean up, and a KeyboardInterrupt could land in a JAX callback that swallows it."""
-    with contextlib.suppress(Exception):
-        sys.stdout.flush()
-    os.write(2, f"{PROG}: interrupted (Ctrl-C)\n".encode())
-    os._exit(130)
+def _exit_on_interrupt() -> None:
+    """Make Ctrl-C stop generate.py at once with exit 130 and one line, whatever the main thread is
+    doing: blocked in the compiled decode loop, it would not run a Python signal handler until
+    the loop ends. SIGINT is blocked in this thread and in every thread started later, and one
+    waiting thread takes it. generate.py writes no file, so there is nothing to clean up."""
+
+    def wait() -> None:
+        signal.sigwait({signal.SIGINT})
+        os.write(2, f"{PROG}: interrupted (Ctrl-C)\n".encode())
+        os._exit(130)
+
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    threading.Thread(target=wait, name="ctrl-c", daemon=True).start()
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGINT, _exit_on_interrupt)
+    if hasattr(signal, "pthread_sigmask"):  # POSIX; elsewhere Ctrl-C is main's KeyboardInterrupt
+        _exit_on_interrupt()
     try:
         from jaxgpt.xla import enable_compilation_cache
     except ImportError:

@@ -211,7 +211,7 @@ BAD_INPUTS = [
     ("text_file", [], r"notes\.txt is neither .*not named \*\.pth"),
     ("run_without_checkpoints", [], r"unsaved is neither .*config\.json but neither model\.safetensors"),
     ("damaged_checkpoint", [], r"cannot load .*damaged as a training checkpoint: .*step 1"),
-    ("nan_checkpoint", [], r"nan: tensor \S+ holds \d+ NaN values"),
+    ("nan_checkpoint", [], r"nan.*(holds \d+ NaN values|non-finite)"),
     ("random_pth", ["--n-heads", "2"], r"random\.pth as a book \.pth file: torch\.load cannot read"),
     ("dict_of_lists_pth", ["--n-heads", "2"], r"lists\.pth"),
     ("bert_dir", [], r"bert as a Hugging Face directory: .*model_type is 'bert'"),
@@ -267,7 +267,8 @@ def test_ctrl_c_exits_130_with_one_line(hf_dir):
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
-        assert proc.stdout.read(len(PROMPT)) == PROMPT  # the model is loaded; generation starts
+        # mid-generation, when the main thread waits in the compiled decode loop
+        assert proc.stdout.read(len(PROMPT) + 3).startswith(PROMPT)
         time.sleep(0.5)
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=120)
