@@ -35,7 +35,6 @@ import os
 import re
 import secrets
 import sys
-import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -756,31 +755,39 @@ def _read_hf(path: Path, n_heads: int | None) -> tuple[GPTConfig, Params]:
 def _read_checkpoint(path: Path, n_heads: int | None) -> tuple[GPTConfig, Params]:
     from jaxgpt.checkpoint import load_checkpoint  # imported here: orbax is slow to import
 
-    with _quiet_closed_event_loop():
+    with _quiet_failed_restore():
         return load_checkpoint(path)
 
 
+def _is_restore_noise(unraisable: Any) -> bool:
+    """What a failed orbax restore leaves behind: TensorStore's threads finding the event loop
+    closed, and orbax's abandoned read coroutines, each with its own copy of the error."""
+    error, origin = unraisable.exc_value, getattr(unraisable.object, "cr_code", None)
+    closed_loop = isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+    return closed_loop or (origin is not None and "orbax" in origin.co_filename)
+
+
 @contextlib.contextmanager
-def _quiet_closed_event_loop() -> Iterator[None]:
-    """Drop the "Event loop is closed" errors that TensorStore's threads report, one traceback per
-    array still in flight, when orbax abandons a restore after a damaged array: the error the
-    restore raises already says what is wrong. After a failure the filter stays a moment longer,
-    for the reads still finishing."""
+def _quiet_failed_restore() -> Iterator[None]:
+    """Turn a failed restore into one ValueError without the dozens of tracebacks its leftovers
+    print (see :func:`_is_restore_noise`) while it runs and later, when the abandoned coroutines
+    are collected, however late. After a failure the filter therefore stays in place; it passes
+    every other report on. The ValueError carries the failure's message, not its frames."""
     previous = sys.unraisablehook
 
     def hook(unraisable: Any) -> None:
-        error = unraisable.exc_value
-        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+        if not _is_restore_noise(unraisable):
             previous(unraisable)
 
     sys.unraisablehook = hook
     try:
         yield
-    except BaseException:
-        time.sleep(0.5)
-        raise
-    finally:
+    except Exception as e:
+        message = _one_line(e)
+    else:
         sys.unraisablehook = previous
+        return
+    raise ValueError(message)
 
 
 def _read_book(path: Path, n_heads: int | None) -> tuple[GPTConfig, Params]:
