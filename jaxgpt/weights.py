@@ -574,7 +574,9 @@ def _read_book_state(state_dict_or_path: Mapping[str, Any] | str | Path) -> dict
         try:
             import torch
         except ImportError as e:
-            raise ImportError("reading a .pth file needs torch (pip install 'jaxgpt[reference]')") from e
+            raise ImportError(
+                f'reading {path} needs torch, which is not installed: pip install "jaxgpt[reference]"'
+            ) from e
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # random bytes, a pickled model object, a truncated zip: all unreadable

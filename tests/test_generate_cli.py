@@ -278,6 +278,13 @@ def test_ctrl_c_exits_130_with_one_line(hf_dir):
     assert_one_line(err, r"^generate\.py: interrupted \(Ctrl-C\)$")
 
 
+def test_without_torch_a_pth_names_the_extra(bad, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` raises ImportError
+    code, out, err = _run(capsys, generate_cli, bad["random_pth"], "--n-heads", "2")
+    assert code == 2 and out == ""
+    assert_one_line(err, r"^generate\.py: reading \S+random\.pth needs torch.*\"jaxgpt\[reference\]\"")
+
+
 def test_help_documents_the_exit_codes(capsys):
     code, out, _ = _run(capsys, generate_cli, "--help")
     assert code == 0
