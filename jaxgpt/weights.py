@@ -713,13 +713,14 @@ def save_book_state_dict(cfg: GPTConfig, params: Params, path: str | Path) -> No
 
 
 def _one_line(e: BaseException) -> str:
-    """An exception's message in one line: without TensorStore's multi-line array spec, the first line."""
-
+    """An exception's message in one line: without TensorStore's array specs, the first line."""
     text = re.sub(r"\s*See full TensorStore details: <bound method.*?\}\)>\.?", "", str(e), flags=re.DOTALL)
     text = re.sub(r"\s*\[tensorstore_spec='.*?'\]", "", text)
-
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
     return lines[0] if lines else type(e).__name__
+
+
+BOOK_SUFFIXES = (".pth", ".pt")
 
 
 @dataclass(frozen=True)
@@ -796,8 +797,6 @@ def _read_book(path: Path, n_heads: int | None) -> tuple[GPTConfig, Params]:
     return load_book_state_dict(path, n_heads=n_heads)
 
 
-BOOK_SUFFIXES = (".pth", ".pt")
-
 # What jaxgpt.load recognises, tried in this order; another source (a TensorFlow checkpoint
 # directory, a model name) is one more entry here.
 SOURCES: list[WeightSource] = [
@@ -864,7 +863,6 @@ def load(path: str | Path, n_heads: int | None = None) -> tuple[GPTConfig, Param
         raise
     except Exception as e:  # every reader's errors, whatever their type, become one line naming the path
         raise ValueError(f"cannot load {path} as a {source.name}: {_one_line(e)}") from e
-
     if n_heads is not None and cfg.n_heads != n_heads:
         raise ValueError(f"{path} records n_heads={cfg.n_heads}, but n_heads={n_heads} was given")
     check_finite(params, path)
