@@ -36,6 +36,7 @@ from jaxgpt.train import (
 )
 from jaxgpt.weights import (
     book_state_dict,
+    load,
     load_book_state_dict,
     load_hf_gpt2,
     params_from_hf,
@@ -70,6 +71,7 @@ __all__ = [
     "get_tokenizer",
     "init_cache",
     "init_params",
+    "load",
     "load_book_state_dict",
     "load_checkpoint",
     "load_hf_gpt2",

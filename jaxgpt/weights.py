@@ -21,13 +21,21 @@ it splits. Import and export are written once against that description and check
 and shape. Two layouts exist: Hugging Face GPT-2 and the book's PyTorch ``GPTModel``. transformers
 is never imported here (Hugging Face files are read with ``safetensors``' NumPy API), and torch
 only to read or write a book ``.pth`` file.
+
+:func:`load` is the one entry point for reading a model: it recognises what a path is (a
+training run, a Hugging Face directory, a book ``.pth``; :data:`SOURCES` lists them) and refuses
+weights holding NaN or infinite values. Files are written atomically, never half.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Mapping
+import re
+import secrets
+import sys
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -416,6 +424,42 @@ _CONFIG_FILE = "config.json"
 _WEIGHTS_FILE = "model.safetensors"
 
 
+@contextlib.contextmanager
+def _new_dirs(path: Path) -> Iterator[None]:
+    """Create directory ``path`` and its missing parents; remove those it created if the body fails."""
+    created = [p for p in (path, *path.parents) if not p.exists()]
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        yield
+    except BaseException:
+        for p in created:  # deepest first; a directory someone else has written into stays
+            with contextlib.suppress(OSError):
+                p.rmdir()
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def _atomic(path: Path) -> Iterator[Path]:
+    """A temporary name beside ``path`` to write; renamed onto ``path`` (with the permissions the
+    user's umask gives a new file) when the body succeeds, deleted whenever anything fails.
+
+    Nested uses rename as they close, innermost first, only after every body has succeeded.
+    """
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def load_hf_gpt2(path: str | Path) -> tuple[GPTConfig, Params]:
     """Read a local Hugging Face GPT-2 directory (``config.json`` + ``model.safetensors``).
 
@@ -432,8 +476,21 @@ def load_hf_gpt2(path: str | Path) -> tuple[GPTConfig, Params]:
             raise FileNotFoundError(
                 f"{path / file} not found: a GPT-2 directory needs {_CONFIG_FILE} and {_WEIGHTS_FILE}"
             )
-    cfg = gpt_config_from_hf(json.loads((path / _CONFIG_FILE).read_text()))
-    state = load_file(path / _WEIGHTS_FILE)
+    config_file, weights_file = path / _CONFIG_FILE, path / _WEIGHTS_FILE
+    try:
+        hf_config = json.loads(config_file.read_text())
+    except (ValueError, OSError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"{config_file} is not a readable JSON file: {_one_line(e)}") from e
+    if not isinstance(hf_config, dict):
+        raise ValueError(f"{config_file} holds a JSON {type(hf_config).__name__}, expected an object")
+    try:
+        cfg = gpt_config_from_hf(hf_config)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{config_file}: {_one_line(e)}") from e
+    try:
+        state = load_file(weights_file)
+    except Exception as e:  # safetensors raises its own error type for a damaged file
+        raise ValueError(f"{weights_file} is not a readable safetensors file: {_one_line(e)}") from e
     cfg = cfg.replace(tie_embeddings=cfg.tie_embeddings and hf_head_is_tied(state))
     return cfg, params_from_hf(state, cfg)
 
@@ -447,11 +504,18 @@ def save_hf_gpt2(cfg: GPTConfig, params: Params, path: str | Path) -> None:
     from safetensors.numpy import save_file
 
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"{path} is a file; a Hugging Face model is a directory")
+    config = json.dumps(hf_config_from_gpt(cfg), indent=2) + "\n"
     tensors = {name: value.astype(np.float32) for name, value in params_to_hf(params, cfg).items()}
-    (path / _CONFIG_FILE).write_text(json.dumps(hf_config_from_gpt(cfg), indent=2) + "\n")
-    # transformers refuses safetensors files without this format tag.
-    save_file(tensors, path / _WEIGHTS_FILE, metadata={"format": "pt"})
+    with (
+        _new_dirs(path),
+        _atomic(path / _WEIGHTS_FILE) as weights_tmp,
+        _atomic(path / _CONFIG_FILE) as config_tmp,
+    ):
+        # transformers refuses safetensors files without this format tag.
+        save_file(tensors, weights_tmp, metadata={"format": "pt"})
+        config_tmp.write_text(config)
 
 
 # ----------------------------------------------------------------------------- the book's PyTorch GPTModel
@@ -510,17 +574,36 @@ def _read_book_state(state_dict_or_path: Mapping[str, Any] | str | Path) -> dict
         try:
             import torch
         except ImportError as e:
-            raise ImportError("reading a .pth file needs torch (pip install 'jaxgpt[reference]')") from e
-        state = torch.load(path, map_location="cpu", weights_only=True)
+            raise ImportError(
+                f'reading {path} needs torch, which is not installed: pip install "jaxgpt[reference]"'
+            ) from e
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # random bytes, a pickled model object, a truncated zip: all unreadable
+            # torch's first line may be a paragraph about weights_only: keep only a short one
+            detail, reason = _one_line(e), type(e).__name__
+            if detail != reason and len(detail) < 80:
+                reason += f": {detail}"
+
+            raise ValueError(
+                f"torch.load cannot read the file ({reason}); expected torch.save(model.state_dict())"
+            ) from e
+
     else:
         state = state_dict_or_path
+    expected = "expected a state dict (tensor name -> tensor)"
     if not isinstance(state, Mapping):
-        raise ValueError(f"expected a state dict (tensor name -> tensor), got {type(state).__name__}")
+        raise ValueError(f"{expected}, got a {type(state).__name__}")
     if "model_state_dict" in state:  # the book's 5.4 checkpoint, which also holds "optimizer_state_dict"
         state = state["model_state_dict"]
+        if not isinstance(state, Mapping):
+            raise ValueError(f"'model_state_dict' holds a {type(state).__name__}, {expected}")
     prefix = "_orig_mod."  # a torch.compile'd model's state dict
     if state and all(str(k).startswith(prefix) for k in state):
         state = {k[len(prefix) :]: v for k, v in state.items()}
+    for key, value in state.items():
+        if not (hasattr(value, "detach") or isinstance(value, np.ndarray)):
+            raise ValueError(f"entry {key!r} is a {type(value).__name__}, not a tensor: {expected}")
     return {str(k): _to_numpy(v) for k, v in state.items()}
 
 
@@ -554,10 +637,13 @@ def book_config_from_state(
         heads = {n_heads} if n_heads is not None else {p.n_heads for p in PRESETS.values() if p.emb_dim == C}
         if len(heads) != 1:
             raise ValueError(
-                f"n_heads cannot be read from tensor shapes and no preset has emb_dim={C}: "
-                "pass cfg=GPTConfig(..., n_heads=...)"
+                f"the number of heads is not in the tensors and no preset has emb_dim={C}: "
+                "pass n_heads (--n-heads to the scripts) or cfg"
             )
-        return GPTConfig(n_heads=heads.pop(), tie_embeddings=False, **inferred)
+        heads_ = heads.pop()
+        if C % heads_:
+            raise ValueError(f"emb_dim {C} is not divisible by n_heads={heads_}")
+        return GPTConfig(n_heads=heads_, tie_embeddings=False, **inferred)
     wrong = [
         f"{k}: cfg {getattr(cfg, k)!r}, tensors {v!r}" for k, v in inferred.items() if getattr(cfg, k) != v
     ]
@@ -616,8 +702,168 @@ def save_book_state_dict(cfg: GPTConfig, params: Params, path: str | Path) -> No
     import torch
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a directory; a book .pth is a file")
     state = {name: torch.from_numpy(np.array(value)) for name, value in book_state_dict(params, cfg).items()}
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with _new_dirs(path.parent), _atomic(path) as tmp:
+        torch.save(state, tmp)
+
+
+# ----------------------------------------------------------------------------- one loader for every source
+
+
+def _one_line(e: BaseException) -> str:
+    """An exception's message in one line: without TensorStore's array specs, the first line."""
+    text = re.sub(r"\s*See full TensorStore details: <bound method.*?\}\)>\.?", "", str(e), flags=re.DOTALL)
+    text = re.sub(r"\s*\[tensorstore_spec='.*?'\]", "", text)
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[0] if lines else type(e).__name__
+
+
+BOOK_SUFFIXES = (".pth", ".pt")
+
+
+@dataclass(frozen=True)
+class WeightSource:
+    """One kind of model :func:`load` reads: its ``name`` and a description of ``what`` it is (for
+    messages), ``matches(path)`` to recognise it without reading it, and ``read(path, n_heads)``."""
+
+    name: str
+    what: str
+    matches: Callable[[Path], bool]
+    read: Callable[[Path, int | None], tuple[GPTConfig, Params]]
+
+
+def _is_hf_dir(path: Path) -> bool:
+    return path.is_dir() and (path / _CONFIG_FILE).is_file() and (path / _WEIGHTS_FILE).is_file()
+
+
+def _is_training_checkpoint(path: Path) -> bool:
+    """A run directory (it has ``checkpoints/``), its ``checkpoints/`` or one step directory in it."""
+    subdir = "checkpoints"  # jaxgpt.checkpoint.CHECKPOINT_SUBDIR, without importing orbax to look
+    if not path.is_dir():
+        return False
+    step_dir = path.name.isdigit() and ((path / "meta").is_dir() or path.parent.name == subdir)
+    return (path / subdir).is_dir() or path.name == subdir or step_dir
+
+
+def _is_book_file(path: Path) -> bool:
+    return path.is_file() and path.suffix in BOOK_SUFFIXES
+
+
+def _read_hf(path: Path, n_heads: int | None) -> tuple[GPTConfig, Params]:
+    return load_hf_gpt2(path)
+
+
+def _read_checkpoint(path: Path, n_heads: int | None) -> tuple[GPTConfig, Params]:
+    from jaxgpt.checkpoint import load_checkpoint  # imported here: orbax is slow to import
+
+    with _quiet_failed_restore():
+        return load_checkpoint(path)
+
+
+def _is_restore_noise(unraisable: Any) -> bool:
+    """What a failed orbax restore leaves behind: TensorStore's threads finding the event loop
+    closed, and orbax's abandoned read coroutines, each with its own copy of the error."""
+    error, origin = unraisable.exc_value, getattr(unraisable.object, "cr_code", None)
+    closed_loop = isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+    return closed_loop or (origin is not None and "orbax" in origin.co_filename)
+
+
+@contextlib.contextmanager
+def _quiet_failed_restore() -> Iterator[None]:
+    """Turn a failed restore into one ValueError without the dozens of tracebacks its leftovers
+    print (see :func:`_is_restore_noise`) while it runs and later, when the abandoned coroutines
+    are collected, however late. After a failure the filter therefore stays in place; it passes
+    every other report on. The ValueError carries the failure's message, not its frames."""
+    previous = sys.unraisablehook
+
+    def hook(unraisable: Any) -> None:
+        if not _is_restore_noise(unraisable):
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+    try:
+        yield
+    except Exception as e:
+        message = _one_line(e)
+    else:
+        sys.unraisablehook = previous
+        return
+    raise ValueError(message)
+
+
+def _read_book(path: Path, n_heads: int | None) -> tuple[GPTConfig, Params]:
+    return load_book_state_dict(path, n_heads=n_heads)
+
+
+# What jaxgpt.load recognises, tried in this order; another source (a TensorFlow checkpoint
+# directory, a model name) is one more entry here.
+SOURCES: list[WeightSource] = [
+    WeightSource(
+        "Hugging Face directory",
+        "a Hugging Face directory (config.json + model.safetensors)",
+        _is_hf_dir,
+        _read_hf,
+    ),
+    WeightSource(
+        "training checkpoint", "a training run or step directory", _is_training_checkpoint, _read_checkpoint
+    ),
+    WeightSource("book .pth file", "the book's .pth state dict", _is_book_file, _read_book),
+]
+
+
+def _expected() -> str:
+    kinds = [source.what for source in SOURCES]
+    return ", ".join(kinds[:-1]) + " or " + kinds[-1]
+
+
+def check_finite(params: Params, where: str | Path = "params") -> None:
+    """Raise ValueError naming the first tensor of ``params`` holding a NaN or an infinity."""
+    for path, leaf in flatten_dict(params).items():
+        finite = jnp.isfinite(leaf)
+        if not bool(jnp.all(finite)):
+            kind = "NaN" if bool(jnp.any(jnp.isnan(leaf))) else "infinite"
+            bad = int(jnp.size(finite) - jnp.sum(finite))
+            raise ValueError(
+                f"{where}: tensor {'/'.join(path)} holds {bad} {kind} values; refusing a model with "
+                "non-finite weights (was it saved after training diverged?)"
+            )
+
+
+def load(path: str | Path, n_heads: int | None = None) -> tuple[GPTConfig, Params]:
+    """(GPTConfig, params) from any model path jaxgpt knows, recognised by what the path is.
+
+    ``path``: a training run directory (its latest checkpoint) or one of its step directories,
+    a Hugging Face GPT-2 directory (config.json + model.safetensors), or the book's ``.pth`` state
+    dict (needs torch). A ``.pth`` does not record its heads: ``n_heads`` gives them, else the
+    preset of its width; for the other sources, which record it, ``n_heads`` must agree.
+
+    Raises FileNotFoundError when nothing is at ``path``, ValueError (one line naming the path and
+    what was expected) for anything unreadable, incompatible or holding NaN or infinite weights,
+    and ImportError when reading a ``.pth`` without torch.
+    """
+    if n_heads is not None and (isinstance(n_heads, bool) or not isinstance(n_heads, int) or n_heads <= 0):
+        raise ValueError(f"n_heads must be a positive integer, got {n_heads!r}")
+    path = Path(path)
+    source = next((s for s in SOURCES if s.matches(path)), None)
+    if source is None:
+        if not path.exists():
+            raise FileNotFoundError(f"{path} does not exist: expected {_expected()}")
+        hint = ""
+        if path.is_dir() and (path / _CONFIG_FILE).is_file():
+            hint = f" (it has {_CONFIG_FILE} but neither {_WEIGHTS_FILE} nor checkpoints/)"
+        elif path.is_file():
+            hint = f" (a file not named *{' or *'.join(BOOK_SUFFIXES)})"
+        kinds = [s.what for s in SOURCES]
+        raise ValueError(f"{path} is neither {', '.join(kinds[:-1])} nor {kinds[-1]}{hint}")
+    try:
+        cfg, params = source.read(path, n_heads)
+    except (ImportError, MemoryError):
+        raise
+    except Exception as e:  # every reader's errors, whatever their type, become one line naming the path
+        raise ValueError(f"cannot load {path} as a {source.name}: {_one_line(e)}") from e
+    if n_heads is not None and cfg.n_heads != n_heads:
+        raise ValueError(f"{path} records n_heads={cfg.n_heads}, but n_heads={n_heads} was given")
+    check_finite(params, path)
+    return cfg, params

@@ -5,85 +5,59 @@
     python scripts/convert.py out/hf out/model.pth                   # HF directory -> book .pth
     python scripts/convert.py model.pth out/hf --n-heads 12          # book .pth -> HF directory
 
-Sources (detected from the path):
-  training checkpoint  a run directory of ``scripts/train.py`` (latest step) or one step directory
-  Hugging Face         a directory with config.json and model.safetensors (``save_pretrained``'s files)
-  book .pth            ``torch.save(model.state_dict(), path)`` of ``llms_from_scratch``'s GPTModel, or
-                       the book's ``{"model_state_dict": ...}`` checkpoint (needs torch)
-Targets: a Hugging Face directory (``GPT2LMHeadModel.from_pretrained`` loads it) or a book .pth
-file (``GPTModel(cfg).load_state_dict(torch.load(path))``), chosen by ``--to`` or by the
-destination's suffix (.pth/.pt: book, anything else: Hugging Face). There is no conversion *to*
-a training checkpoint: ``scripts/generate.py`` reads all three formats directly.
+Sources: anything ``jaxgpt.load`` reads, recognised from the path: a run directory of
+``scripts/train.py`` (its latest step) or one step directory, a Hugging Face directory
+(config.json + model.safetensors), or the book's ``.pth`` (``torch.save(model.state_dict())`` or
+the book's ``{"model_state_dict": ...}`` checkpoint; needs torch). Targets: a Hugging Face
+directory (``GPT2LMHeadModel.from_pretrained`` loads it) or a book .pth file
+(``GPTModel(cfg).load_state_dict(torch.load(path))``), chosen by ``--to`` or by the destination's
+suffix (.pth/.pt: book, anything else: Hugging Face). There is no conversion *to* a training
+checkpoint: ``scripts/generate.py`` reads all three directly. Files are written under a temporary
+name and renamed, so a destination is never half written, and a failed conversion leaves nothing.
 
-Exit codes: 0 done, 2 bad input (missing or incompatible source, existing destination).
+Exit codes: 0 done; 2 bad input (a missing, damaged or incompatible source, a destination that
+exists or cannot be written), said in one line before anything is written; 1 a failure while
+writing; 130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 from pathlib import Path
-from typing import Any
+from typing import NoReturn
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(ROOT))
 
+PROG = "convert.py"
 BOOK_SUFFIXES = (".pth", ".pt")
+TORCH_EXTRA = 'pip install "jaxgpt[reference]"'
+_TARGETS = {"hf": "Hugging Face directory", "book": "book .pth file"}
 
 
-class ModelLoadError(Exception):
-    """A model path that is missing, of an unknown format, or unreadable (message says which)."""
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad option is one line (no usage block) and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see --help)\n")
 
 
-def detect_format(path: str | Path) -> str:
-    """'hf', 'book' or 'checkpoint' for a model path; ModelLoadError if there is nothing there."""
-    path = Path(path)
-    if not path.exists():
-        raise ModelLoadError(
-            f"no model at {path}: give a training run or step directory, "
-            "a Hugging Face directory or a book .pth file"
-        )
-    if path.is_file():
-        return "book"
-    if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
-        return "hf"
-    return "checkpoint"
-
-
-def load_model(path: str | Path, n_heads: int | None = None) -> tuple[Any, Any, str]:
-    """(GPTConfig, params, format) from any supported model path, with errors a user can act on."""
-    fmt = detect_format(path)
+def _positive_int(text: str) -> int:
     try:
-        if fmt == "hf":
-            from jaxgpt.weights import load_hf_gpt2
-
-            cfg, params = load_hf_gpt2(path)
-        elif fmt == "book":
-            from jaxgpt.weights import load_book_state_dict
-
-            cfg, params = load_book_state_dict(path, n_heads=n_heads)
-        else:
-            from jaxgpt.checkpoint import load_checkpoint
-
-            cfg, params = load_checkpoint(path)
-    except ModelLoadError:
-        raise
-    except Exception as e:  # every loader names what is wrong; say which format was tried
-        raise ModelLoadError(f"cannot load {path} as a {_FORMAT_NAMES[fmt]}: {e}") from e
-    return cfg, params, fmt
-
-
-_FORMAT_NAMES = {
-    "hf": "Hugging Face GPT-2 directory",
-    "book": "book .pth state dict",
-    "checkpoint": "training checkpoint",
-}
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="convert.py",
+    p = _Parser(
+        prog=PROG,
         description=__doc__.split("\n\n")[0],
         epilog=__doc__.split("\n\n", 2)[2],
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -91,40 +65,97 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", help="training run/step directory, Hugging Face directory or book .pth file")
     p.add_argument("dst", help="output: a directory (Hugging Face) or a .pth file (book)")
     p.add_argument(
-        "--to", choices=["hf", "book"], help="output format (default: from the destination's suffix)"
+        "--to", choices=sorted(_TARGETS), help="output format (default: from the destination's suffix)"
     )
-    p.add_argument("--n-heads", type=int, help="attention heads of a book .pth whose width matches no preset")
+    p.add_argument(
+        "--n-heads", type=_positive_int, help="attention heads of a book .pth whose width matches no preset"
+    )
     p.add_argument("--force", action="store_true", help="overwrite an existing destination")
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def destination_problem(dst: Path, to: str, force: bool) -> str | None:
+    """Why ``dst`` cannot receive a ``to`` model, or None; looks, and writes nothing that stays."""
+    if to == "hf" and dst.is_file():
+        return f"{dst} is a file, but a Hugging Face model is a directory: give a directory or --to book"
+    if to == "book" and dst.is_dir():
+        return f"{dst} is a directory, but a book .pth is a file: give a file name ending in .pth"
+    if dst.exists() and not force and (dst.is_file() or any(dst.iterdir())):
+        return f"{dst} exists; pass --force to overwrite it"
+    # The directory that will receive a new entry: dst itself for a Hugging Face directory that
+    # exists, else the nearest existing ancestor.
+    home = dst if to == "hf" and dst.is_dir() else dst.parent
+    while not home.exists():
+        home = home.parent
+    if not home.is_dir():
+        return f"{home} is a file, so {dst} cannot be created in it"
+    try:
+        with tempfile.TemporaryFile(dir=home):
+            pass
+    except OSError as e:
+        return f"cannot write to {home} ({e.strerror or e})"
+    return None
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"{PROG}: {message}", file=sys.stderr)
+    return code
+
+
+def _needs_torch(src: str, to: str) -> str | None:
+    """The message for a conversion that needs torch where it is missing, or None."""
+    reading = Path(src).suffix in BOOK_SUFFIXES and Path(src).is_file()
+    if not (reading or to == "book"):
+        return None
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        action = "reading" if reading else "writing"
+        return f"{action} a book .pth file needs torch, which is not installed: {TORCH_EXTRA}"
+    return None
+
+
+def _convert(args: argparse.Namespace) -> int:
     dst = Path(args.dst)
     to = args.to or ("book" if dst.suffix in BOOK_SUFFIXES else "hf")
-    if dst.exists() and not args.force and (dst.is_file() or any(dst.iterdir())):
-        print(f"convert.py: {dst} exists; pass --force to overwrite it", file=sys.stderr)
-        return 2
+    problem = destination_problem(dst, to, args.force) or _needs_torch(args.src, to)
+    if problem:
+        return _fail(problem, 2)
+
+    import jaxgpt
+
     try:
-        cfg, params, fmt = load_model(args.src, args.n_heads)
+        cfg, params = jaxgpt.load(args.src, n_heads=args.n_heads)
+    except (FileNotFoundError, ValueError, ImportError) as e:
+        return _fail(str(e), 2)
+    try:
         if to == "hf":
-            from jaxgpt.weights import save_hf_gpt2
-
-            save_hf_gpt2(cfg, params, dst)
+            jaxgpt.save_hf_gpt2(cfg, params, dst)
         else:
-            from jaxgpt.weights import save_book_state_dict
-
-            save_book_state_dict(cfg, params, dst)
-    except (ModelLoadError, ValueError, ImportError) as e:
-        print(f"convert.py: {e}", file=sys.stderr)
-        return 2
+            jaxgpt.save_book_state_dict(cfg, params, dst)
+    except ValueError as e:  # a model the target format cannot express (e.g. Post-LN)
+        return _fail(f"cannot write {dst} as a {_TARGETS[to]}: {e}", 2)
+    except OSError as e:  # the disk filled, the directory went away: nothing was left behind
+        return _fail(f"writing {dst} failed ({e.strerror or e}); nothing was written", 1)
     print(
-        f"{_FORMAT_NAMES[fmt]} {args.src} -> {_FORMAT_NAMES[to if to == 'hf' else 'book']} {dst}  "
-        f"({cfg.n_layers} layers, emb_dim {cfg.emb_dim}, {cfg.n_heads} heads, vocab {cfg.vocab_size}, "
-        f"context {cfg.context_length}, {'tied' if cfg.tie_embeddings else 'untied'} head)"
+        f"{args.src} -> {_TARGETS[to]} {dst}  ({cfg.n_layers} layers, emb_dim {cfg.emb_dim}, "
+        f"{cfg.n_heads} heads, vocab {cfg.vocab_size}, context {cfg.context_length}, "
+        f"{'tied' if cfg.tie_embeddings else 'untied'} head)"
     )
     return 0
 
 
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _convert(args)
+    except KeyboardInterrupt:  # the writes clean up after themselves on the way out
+        return _fail("interrupted (Ctrl-C); nothing was written", 130)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # during start-up, before main's own handler
+        print(f"{PROG}: interrupted (Ctrl-C)", file=sys.stderr)
+        sys.exit(130)

@@ -1,53 +1,111 @@
-"""Generate text from a trained model (the book's 5.3): greedy, or sampled with temperature, top-k, top-p.
+"""Generate text from a trained model (the book's 5.3): sampled with temperature, top-k and top-p, or greedy.
 
     python scripts/generate.py runs/quickstart-.../ --prompt "Every effort moves you"
     python scripts/generate.py out/hf --temperature 1.4 --top-k 25 --seed 123 --stream
-    python scripts/generate.py model.pth --max-new-tokens 30          # the book's GPTModel weights
+    python scripts/generate.py model.pth --temperature 0 --n-heads 12   # greedy, the book's GPTModel weights
 
-The model is a training run directory of ``scripts/train.py`` (its latest checkpoint) or one of
-its step directories, a Hugging Face GPT-2 directory (config.json + model.safetensors), or a
-book ``.pth`` state dict (see scripts/convert.py). The prompt and its continuation are printed;
-with ``--stream`` each token is printed as soon as it is produced (the whole decode is still one
-compiled program). Generation stops at <|endoftext|> unless ``--ignore-eos``.
+The model is anything ``jaxgpt.load`` reads: a training run directory of ``scripts/train.py`` (its
+latest checkpoint) or one of its step directories, a Hugging Face GPT-2 directory (config.json +
+model.safetensors), or the book's ``.pth`` state dict (needs torch). By default it samples
+(temperature 1, the 40 most likely tokens, seed 123), so even a small model shows text rather
+than repeating its likeliest token; ``--temperature 0`` is greedy, as the book's
+``generate_text_simple``. The prompt and its continuation are printed; with ``--stream`` each
+token as soon as it is produced. Generation stops at <|endoftext|> unless ``--ignore-eos``.
 
-Exit codes: 0 done, 2 bad input (missing or incompatible model, bad option). The compiled decode
-is kept in JAX's persistent cache (~/.cache/jaxgpt/xla, or $JAX_COMPILATION_CACHE_DIR), so the next
-call with the same shapes starts at once; JAXGPT_NO_COMPILE_CACHE=1 turns it off.
+Exit codes: 0 done; 2 bad input (a missing, damaged or incompatible model, a bad option), said in
+one line before any work; 1 a failure during generation; 130 interrupted (Ctrl-C).
+
+The compiled decode is kept in JAX's persistent cache (~/.cache/jaxgpt/xla, or
+$JAX_COMPILATION_CACHE_DIR), so the next call with the same shapes starts at once;
+JAXGPT_NO_COMPILE_CACHE=1 turns it off.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import os
+import signal
 import sys
+import threading
 from pathlib import Path
+from typing import NoReturn
 
 ROOT = Path(__file__).resolve().parent.parent
-for path in (ROOT, ROOT / "scripts"):  # run from a checkout without installing
-    if str(path) not in sys.path:
-        sys.path.insert(0, str(path))
+if str(ROOT) not in sys.path:  # run from a checkout without installing
+    sys.path.insert(0, str(ROOT))
 
-from convert import ModelLoadError, load_model  # noqa: E402
+PROG = "generate.py"
+DEFAULT_TOP_K = 40  # applied when sampling and no --top-k is given
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad option is one line (no usage block) and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see --help)\n")
+
+
+def _number(kind: type, low: float, high: float | None = None, low_open: bool = False):
+    """An argparse type: a finite ``kind`` (int or float) >= ``low`` (> with ``low_open``), <= ``high``."""
+    noun = "an integer" if kind is int else "a finite number"
+    if high is None:
+        expected = f"{noun} {'>' if low_open else '>='} {low}"
+    else:
+        expected = f"{noun} in {'(' if low_open else '['}{low}, {high}]"
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        too_low = value <= low if low_open else value < low
+        if not math.isfinite(value) or too_low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="generate.py",
+    p = _Parser(
+        prog=PROG,
         description=__doc__.split("\n\n")[0],
         epilog=__doc__.split("\n\n", 2)[2],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("model", help="training run or step directory, Hugging Face directory, or book .pth file")
     p.add_argument("--prompt", default="Every effort moves you", help="start context (default: %(default)r)")
-    p.add_argument("--max-new-tokens", type=int, default=50, help="tokens to generate (default: %(default)s)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples (default: 0)")
-    p.add_argument("--top-k", type=int, help="sample only among the k most likely tokens")
     p.add_argument(
-        "--top-p", type=float, help="sample only from the nucleus of this probability mass, in (0, 1]"
+        "--max-new-tokens", type=_number(int, 0), default=50, help="tokens to generate (default: %(default)s)"
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of the sampling key (default: %(default)s)")
+    p.add_argument(
+        "--temperature",
+        type=_number(float, 0.0),
+        default=1.0,
+        help="0 = greedy; > 0 samples from softmax(logits / temperature) (default: %(default)s)",
+    )
+    p.add_argument(
+        "--top-k",
+        type=_number(int, 1),
+        help=f"sample only among the k most likely tokens (default when sampling: {DEFAULT_TOP_K})",
+    )
+    p.add_argument(
+        "--top-p",
+        type=_number(float, 0.0, 1.0, low_open=True),
+        help="sample only from the nucleus of this probability mass, in (0, 1]",
+    )
+    p.add_argument(
+        "--seed",
+        type=_number(int, 0, 2**32 - 1),
+        default=123,
+        help="seed of the sampling key (default: %(default)s)",
+    )
     p.add_argument("--stream", action="store_true", help="print tokens as they are produced")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at <|endoftext|>")
-    p.add_argument("--n-heads", type=int, help="attention heads of a book .pth whose width matches no preset")
+    p.add_argument(
+        "--n-heads", type=_number(int, 1), help="attention heads of a book .pth whose width matches no preset"
+    )
     return p
 
 
@@ -74,59 +132,95 @@ class _Streamer:
         print(self.pending.decode("utf-8", errors="replace"), flush=True)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def _fail(message: str, code: int) -> int:
+    print(f"{PROG}: {message}", file=sys.stderr)
+    return code
 
+
+def _generate(args: argparse.Namespace) -> int:
     import jax
+    import jax.numpy as jnp
 
-    from jaxgpt.generation import generate_ragged
-    from jaxgpt.tokenizer import EOT_ID, get_tokenizer
+    import jaxgpt
+    from jaxgpt.tokenizer import EOT_ID
 
-    try:
-        cfg, params, _ = load_model(args.model, args.n_heads)
-    except ModelLoadError as e:
-        print(f"generate.py: {e}", file=sys.stderr)
-        return 2
-    tokenizer = get_tokenizer()
+    tokenizer = jaxgpt.get_tokenizer()
     prompt = tokenizer.encode(args.prompt, allowed_special={"<|endoftext|>"})
     if not prompt:
-        print("generate.py: --prompt is empty; give at least one token of text", file=sys.stderr)
-        return 2
+        return _fail("--prompt is empty; give at least one token of text", 2)
+    try:
+        cfg, params = jaxgpt.load(args.model, n_heads=args.n_heads)
+    except (FileNotFoundError, ValueError, ImportError) as e:
+        return _fail(str(e), 2)
     if max(prompt) >= cfg.vocab_size:
-        print(
-            f"generate.py: the model's vocabulary has {cfg.vocab_size} tokens, fewer than the GPT-2 "
-            f"tokenizer's; this prompt uses token {max(prompt)}: the model does not fit GPT-2 BPE text.",
-            file=sys.stderr,
+        return _fail(
+            f"{args.model} has a vocabulary of {cfg.vocab_size} tokens, fewer than the GPT-2 tokenizer's; "
+            f"--prompt uses token {max(prompt)}: the model does not fit GPT-2 BPE text",
+            2,
         )
-        return 2
+    top_k = args.top_k
+    if top_k is None and args.temperature > 0:
+        top_k = min(DEFAULT_TOP_K, cfg.vocab_size)
+    elif top_k is not None and top_k > cfg.vocab_size:
+        return _fail(f"--top-k {top_k} exceeds the model's vocabulary of {cfg.vocab_size} tokens", 2)
     eos_id = None if args.ignore_eos or EOT_ID >= cfg.vocab_size else EOT_ID
+
     streamer = _Streamer(tokenizer, eos_id) if args.stream else None
     if streamer is not None:
         print(args.prompt, end="", flush=True)
     try:
-        out = generate_ragged(
+        out = jaxgpt.generate(
             params,
             cfg,
-            [prompt],
+            jnp.asarray([prompt], jnp.int32),  # (1, T)
             args.max_new_tokens,
             temperature=args.temperature,
-            top_k=args.top_k,
+            top_k=top_k,
             top_p=args.top_p,
             eos_id=eos_id,
             key=jax.random.key(args.seed) if args.temperature > 0 else None,
             callback=streamer,
-        )
-    except ValueError as e:
-        print(f"generate.py: {e}", file=sys.stderr)
-        return 2
+        )  # (1, T + max_new_tokens); after eos_id a row repeats it
+    except Exception as e:  # the options were checked above: what fails now fails during the work
+        first_line = (str(e).strip().splitlines() or [""])[0]
+        return _fail(f"generation failed ({type(e).__name__}: {first_line})", 1)
     if streamer is not None:
         streamer.finish()
-    else:
-        print(tokenizer.decode(out[0]))
+        return 0
+    ids = [int(t) for t in out[0]]
+    new = ids[len(prompt) :]
+    if eos_id in new:
+        new = new[: new.index(eos_id)]
+    print(tokenizer.decode(prompt + new))
     return 0
 
 
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _generate(args)
+    except KeyboardInterrupt:
+        return _fail("interrupted (Ctrl-C)", 130)
+
+
+def _exit_on_interrupt() -> None:
+    """Make Ctrl-C stop generate.py at once with exit 130 and one line, whatever the main thread is
+    doing: blocked in the compiled decode loop, it would not run a Python signal handler until
+    the loop ends. SIGINT is blocked in this thread and in every thread started later, and one
+    waiting thread takes it. generate.py writes no file, so there is nothing to clean up."""
+
+    def wait() -> None:
+        signal.sigwait({signal.SIGINT})
+        os.write(2, f"{PROG}: interrupted (Ctrl-C)\n".encode())
+        os._exit(130)
+
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    threading.Thread(target=wait, name="ctrl-c", daemon=True).start()
+
+
 if __name__ == "__main__":
+    if hasattr(signal, "pthread_sigmask"):  # POSIX; elsewhere Ctrl-C is main's KeyboardInterrupt
+        _exit_on_interrupt()
     try:
         from jaxgpt.xla import enable_compilation_cache
     except ImportError:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import stat
 
 import jax
 import jax.numpy as jnp
@@ -17,9 +19,12 @@ from jaxgpt.model import GPTModel, init_params
 from jaxgpt.weights import (
     gpt_config_from_hf,
     hf_config_from_gpt,
+    load,
+    load_book_state_dict,
     load_hf_gpt2,
     params_from_hf,
     params_to_hf,
+    save_book_state_dict,
     save_hf_gpt2,
 )
 
@@ -333,3 +338,197 @@ def test_transformers_loads_saved_model_with_same_logits(tmp_path, tie, qkv_bias
         logits = np.asarray(GPTModel(cfg).apply({"params": params}, jnp.asarray(ids), deterministic=True))
     diff = float(np.abs(logits - expected).max())
     assert diff <= 1e-5, f"logits: max |diff| {diff:.3g} between jaxgpt and transformers"
+
+
+# ------------------------------------------------------------------------------------ jaxgpt.load
+
+
+def _saved_run(path, cfg: GPTConfig, params) -> None:
+    """A run directory as scripts/train.py leaves it, holding ``params`` as step 3."""
+    from jaxgpt.checkpoint import CheckpointManager
+
+    CheckpointManager(path).save(3, params, {"step": np.int32(3)}, {"model_config": cfg.to_dict()})
+
+
+def test_load_reads_a_run_and_its_step_directory_as_load_checkpoint_does(tmp_path):
+    from jaxgpt.checkpoint import load_checkpoint
+
+    params = random_params(TINY)
+    _saved_run(tmp_path / "run", TINY, params)
+    for path in (tmp_path / "run", tmp_path / "run" / "checkpoints" / "3"):
+        cfg, got = load(path)
+        assert cfg == TINY
+        assert_trees_equal(got, params)
+        assert_trees_equal(got, load_checkpoint(path)[1])
+
+
+def test_load_reads_a_hugging_face_directory_as_load_hf_gpt2_does(tmp_path):
+    state = hf_state(untied=True)
+    _write_hf_dir(tmp_path / "m", state)
+    cfg, got = load(tmp_path / "m")
+    want_cfg, want = load_hf_gpt2(tmp_path / "m")
+    assert cfg == want_cfg and not cfg.tie_embeddings
+    assert_trees_equal(got, want)
+    np.testing.assert_array_equal(got["tok_emb"]["embedding"], state["transformer.wte.weight"])
+
+
+@pytest.mark.parametrize("n_heads", [None, 4])
+def test_load_reads_a_book_pth_with_heads_given_or_from_the_preset(tmp_path, n_heads):
+    pytest.importorskip("torch")
+    # emb_dim 128 is the quickstart preset's width (4 heads), so heads can come from the preset
+    cfg = GPTConfig(vocab_size=V, context_length=P, emb_dim=128, n_heads=4, n_layers=1, tie_embeddings=False)
+    params = random_params(cfg)
+    save_book_state_dict(cfg, params, tmp_path / "model.pth")
+    got_cfg, got = load(tmp_path / "model.pth", n_heads=n_heads)
+    assert got_cfg == cfg.replace(drop_rate=got_cfg.drop_rate)
+    assert_trees_equal(got, params)
+    assert_trees_equal(got, load_book_state_dict(tmp_path / "model.pth", n_heads=4)[1])
+
+
+def test_load_takes_n_heads_only_where_the_source_lacks_it(tmp_path):
+    _write_hf_dir(tmp_path / "m", hf_state())
+    with pytest.raises(ValueError, match=r"n_heads=2.*n_heads=4"):
+        load(tmp_path / "m", n_heads=4)
+    with pytest.raises(ValueError, match="n_heads must be a positive integer"):
+        load(tmp_path / "m", n_heads=0)
+
+
+def test_load_names_the_path_and_what_it_expected(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"nowhere does not exist: expected a Hugging Face"):
+        load(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match=r"is neither a Hugging Face directory .* nor the book's \.pth"):
+        load(tmp_path)
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="has config.json but neither model.safetensors nor checkpoints/"):
+        load(tmp_path)
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(ValueError, match=r"notes\.txt is neither .*not named \*\.pth"):
+        load(tmp_path / "notes.txt")
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"{not json", r"config\.json is not a readable JSON file"),
+        (b"[1, 2]", r"config\.json holds a JSON list, expected an object"),
+        (b'{"model_type": "bert"}', r"config\.json: model_type is 'bert'"),
+    ],
+)
+def test_a_broken_hugging_face_config_is_one_line_naming_the_file(tmp_path, content, message):
+    _write_hf_dir(tmp_path / "m", hf_state())
+    (tmp_path / "m" / "config.json").write_bytes(content)
+    with pytest.raises(ValueError, match=message) as info:
+        load(tmp_path / "m")
+    assert str(tmp_path / "m") in str(info.value) and "\n" not in str(info.value)
+
+
+def test_damaged_safetensors_is_one_line_naming_the_file(tmp_path):
+    _write_hf_dir(tmp_path / "m", hf_state())
+    (tmp_path / "m" / "model.safetensors").write_bytes(b"\x00" * 100)
+    with pytest.raises(ValueError, match=r"model\.safetensors is not a readable safetensors file") as info:
+        load(tmp_path / "m")
+    assert "\n" not in str(info.value)
+
+
+def test_a_damaged_checkpoint_is_one_line_not_a_tensorstore_spec(tmp_path):
+    _saved_run(tmp_path / "run", TINY, random_params(TINY))
+    chunks = list((tmp_path / "run" / "checkpoints" / "3" / "params").rglob("d/*"))
+    assert chunks
+    for chunk in chunks:
+        chunk.write_bytes(b"damaged")
+    with pytest.raises(ValueError, match=r"cannot load .*run as a training checkpoint: .*step 3") as info:
+        load(tmp_path / "run")
+    assert "\n" not in str(info.value) and "TensorStore" not in str(info.value)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_load_refuses_non_finite_weights_and_names_the_tensor(tmp_path, bad):
+    params = random_params(TINY)
+    params["trf_blocks"]["ff"]["layers_2"]["bias"] = (
+        params["trf_blocks"]["ff"]["layers_2"]["bias"].at[1, 3].set(bad)
+    )
+    kind = "NaN" if np.isnan(bad) else "infinite"
+    save_hf_gpt2(TINY, params, tmp_path / "hf")
+    with pytest.raises(ValueError, match=rf"hf: tensor trf_blocks/ff/layers_2/bias holds 1 {kind} value"):
+        load(tmp_path / "hf")
+    _saved_run(tmp_path / "run", TINY, params)
+    # (the checkpoint reader may refuse them itself, without naming the tensor)
+    with pytest.raises(ValueError, match=rf"run.*(holds 1 {kind} value|non-finite)"):
+        load(tmp_path / "run")
+
+
+def _unreadable_pth(tmp_path, kind: str):
+    torch = pytest.importorskip("torch")
+    path = tmp_path / f"{kind}.pth"
+    if kind == "random":
+        path.write_bytes(np.random.default_rng(0).bytes(4096))
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "lists":
+        torch.save({"tok_emb.weight": [[1.0, 2.0]], "pos_emb.weight": [[0.0]]}, path)
+    elif kind == "list":
+        torch.save([torch.zeros(2)], path)
+    elif kind == "checkpoint_of_lists":
+        torch.save({"model_state_dict": [1, 2]}, path)
+    return path
+
+
+@pytest.mark.parametrize(
+    "kind, message",
+    [
+        ("random", r"torch\.load cannot read the file"),
+        ("empty", r"torch\.load cannot read the file"),
+        ("lists", r"entry 'tok_emb\.weight' is a list, not a tensor"),
+        ("list", r"expected a state dict \(tensor name -> tensor\), got a list"),
+        ("checkpoint_of_lists", r"'model_state_dict' holds a list"),
+    ],
+)
+def test_an_unreadable_pth_is_one_line_naming_the_file(tmp_path, kind, message):
+    path = _unreadable_pth(tmp_path, kind)
+    with pytest.raises(ValueError, match=message) as info:
+        load(path, n_heads=2)
+    assert str(info.value).startswith(f"cannot load {path} as a book .pth file: ")
+    assert "\n" not in str(info.value)
+
+
+# ------------------------------------------------------------------------------------ writing files
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_saved_files_get_the_umask_permissions_and_no_temporary_stays(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        save_hf_gpt2(TINY, random_params(TINY), tmp_path / "hf")
+    finally:
+        os.umask(old)
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["config.json", "model.safetensors"]
+    for name in ("config.json", "model.safetensors"):
+        assert stat.S_IMODE((tmp_path / "hf" / name).stat().st_mode) == 0o666 & ~umask, name
+
+
+def test_a_failed_save_leaves_nothing_behind(tmp_path, monkeypatch):
+    import safetensors.numpy
+
+    def full_disk(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.numpy, "save_file", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        save_hf_gpt2(TINY, random_params(TINY), tmp_path / "new" / "hf")
+    assert list(tmp_path.iterdir()) == []  # neither the directories it made nor a temporary file
+
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "config.json").write_text("kept")
+    with pytest.raises(OSError, match="No space"):
+        save_hf_gpt2(TINY, random_params(TINY), tmp_path / "old")
+    assert [p.name for p in (tmp_path / "old").iterdir()] == ["config.json"]
+    assert (tmp_path / "old" / "config.json").read_text() == "kept"
+
+
+def test_saving_over_the_wrong_kind_of_path_is_refused(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FileExistsError, match="is a file; a Hugging Face model is a directory"):
+        save_hf_gpt2(TINY, random_params(TINY), tmp_path / "file")
+    assert (tmp_path / "file").read_text() == "x"

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from flax.traverse_util import flatten_dict
 
+from jaxgpt import generate  # the function, whichever module holds it
 from jaxgpt.config import PRESETS, GPTConfig
-from jaxgpt.generation import generate
 from jaxgpt.model import GPTModel, init_params
 from jaxgpt.weights import book_state_dict, load_book_state_dict, save_book_state_dict, save_hf_gpt2
 
