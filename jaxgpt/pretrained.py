@@ -526,17 +526,13 @@ def is_local_model(name_or_path: str | os.PathLike) -> bool:
 
 
 def load_local(path: str | Path) -> tuple[GPTConfig, Params]:
-    """Weights from a local path: OpenAI's directory, else whatever ``jaxgpt.weights.load`` reads
-    (when it exists), else a Hugging Face directory."""
-    path = Path(path)
+    """Weights from a local path: OpenAI's directory (its own errors: CheckpointError naming the
+    file and tensor), else anything :func:`jaxgpt.weights.load` reads."""
     if is_openai_checkpoint_dir(path):
         return load_openai_checkpoint(path)
     from jaxgpt import weights
 
-    loader = getattr(weights, "load", None)
-    if loader is not None:
-        return loader(path)
-    return load_hf_gpt2(path)
+    return weights.load(path)
 
 
 def from_pretrained(

@@ -23,7 +23,8 @@ is never imported here (Hugging Face files are read with ``safetensors``' NumPy 
 only to read or write a book ``.pth`` file.
 
 :func:`load` is the one entry point for reading a model: it recognises what a path is (a
-training run, a Hugging Face directory, a book ``.pth``; :data:`SOURCES` lists them) and refuses
+training run, a Hugging Face directory, a book ``.pth``, OpenAI's TensorFlow directory, or a GPT-2
+name fetched through ``jaxgpt.pretrained``; :data:`SOURCES` lists them) and refuses
 weights holding NaN or infinite values. Files are written atomically, never half.
 """
 
@@ -797,8 +798,33 @@ def _read_book(path: Path, n_heads: int | None) -> tuple[GPTConfig, Params]:
     return load_book_state_dict(path, n_heads=n_heads)
 
 
-# What jaxgpt.load recognises, tried in this order; another source (a TensorFlow checkpoint
-# directory, a model name) is one more entry here.
+def _is_openai_dir(path: Path) -> bool:
+    from jaxgpt.pretrained import is_openai_checkpoint_dir  # imported here: pretrained imports this module
+
+    return is_openai_checkpoint_dir(path)
+
+
+def _read_openai(path: Path, n_heads: int | None) -> tuple[GPTConfig, Params]:
+    from jaxgpt.pretrained import load_openai_checkpoint
+
+    return load_openai_checkpoint(path)
+
+
+def _is_pretrained_name(path: Path) -> bool:
+    """A GPT-2 name (``gpt2``, ``124M``, ...) naming no model on disk (``pretrained.is_local_model``)."""
+    from jaxgpt.pretrained import is_local_model, pretrained_repo
+
+    name = os.fspath(path)
+    return pretrained_repo(name) is not None and not is_local_model(name)
+
+
+def _read_pretrained(path: Path, n_heads: int | None) -> tuple[GPTConfig, Params]:
+    from jaxgpt.pretrained import from_pretrained
+
+    return from_pretrained(os.fspath(path))
+
+
+# What jaxgpt.load recognises, tried in this order; another source is one more entry here.
 SOURCES: list[WeightSource] = [
     WeightSource(
         "Hugging Face directory",
@@ -810,6 +836,18 @@ SOURCES: list[WeightSource] = [
         "training checkpoint", "a training run or step directory", _is_training_checkpoint, _read_checkpoint
     ),
     WeightSource("book .pth file", "the book's .pth state dict", _is_book_file, _read_book),
+    WeightSource(
+        "TensorFlow checkpoint directory",
+        "OpenAI's GPT-2 directory (as the book's gpt_download.py writes it)",
+        _is_openai_dir,
+        _read_openai,
+    ),
+    WeightSource(
+        "GPT-2 name",
+        "a GPT-2 name (gpt2, gpt2-medium, gpt2-large, gpt2-xl)",
+        _is_pretrained_name,
+        _read_pretrained,
+    ),
 ]
 
 
@@ -835,9 +873,11 @@ def load(path: str | Path, n_heads: int | None = None) -> tuple[GPTConfig, Param
     """(GPTConfig, params) from any model path jaxgpt knows, recognised by what the path is.
 
     ``path``: a training run directory (its latest checkpoint) or one of its step directories,
-    a Hugging Face GPT-2 directory (config.json + model.safetensors), or the book's ``.pth`` state
-    dict (needs torch). A ``.pth`` does not record its heads: ``n_heads`` gives them, else the
-    preset of its width; for the other sources, which record it, ``n_heads`` must agree.
+    a Hugging Face GPT-2 directory (config.json + model.safetensors), the book's ``.pth`` state
+    dict (needs torch), the directory the book's ``gpt_download.py`` writes (``gpt2/124M``), or a
+    GPT-2 name (``gpt2`` ... ``gpt2-xl``, see :func:`jaxgpt.from_pretrained`). A ``.pth`` does not
+    record its heads: ``n_heads`` gives them, else the preset of its width; for the other sources,
+    which record it, ``n_heads`` must agree.
 
     Raises FileNotFoundError when nothing is at ``path``, ValueError (one line naming the path and
     what was expected) for anything unreadable, incompatible or holding NaN or infinite weights,
@@ -859,7 +899,7 @@ def load(path: str | Path, n_heads: int | None = None) -> tuple[GPTConfig, Param
         raise ValueError(f"{path} is neither {', '.join(kinds[:-1])} nor {kinds[-1]}{hint}")
     try:
         cfg, params = source.read(path, n_heads)
-    except (ImportError, MemoryError):
+    except (ImportError, MemoryError, FileNotFoundError):  # a missing file names itself
         raise
     except Exception as e:  # every reader's errors, whatever their type, become one line naming the path
         raise ValueError(f"cannot load {path} as a {source.name}: {_one_line(e)}") from e

@@ -74,22 +74,11 @@ class InputError(Exception):
 
 def load_any(model: str):
     """(cfg, params) from a name or any path jaxgpt reads; InputError with the loader's reason."""
-    from jaxgpt import weights
-    from jaxgpt.pretrained import from_pretrained, is_local_model, is_openai_checkpoint_dir, pretrained_repo
+    import jaxgpt
 
-    path = Path(model)
-    local = is_local_model(model)
-    if not local and pretrained_repo(model) is None:
-        raise InputError(
-            f"MODEL {model!r} is neither an existing path nor a GPT-2 name (gpt2, gpt2-medium, ...)"
-        )
     try:
-        if local and not is_openai_checkpoint_dir(path) and getattr(weights, "load", None) is None:
-            from convert import load_model  # run directories and .pth files, until jaxgpt.load exists
-
-            return load_model(path)[:2]
-        return from_pretrained(model)
-    except Exception as e:  # every loader names what is wrong
+        return jaxgpt.load(model)
+    except (FileNotFoundError, ValueError, ImportError) as e:  # every loader names what is wrong
         raise InputError(f"cannot load MODEL {model}: {e}") from None
 
 

@@ -111,7 +111,7 @@ def test_bad_input_exits_2_naming_it(capsys, tmp_path, files, argv, message):
 
 def test_unloadable_model_exits_2(capsys, tmp_path, files):
     code, _, err = _run(capsys, tmp_path / "nowhere", "--text", files["text"])
-    assert code == 2 and "neither an existing path nor a GPT-2 name" in err
+    assert code == 2 and "does not exist" in err and "a GPT-2 name (gpt2" in err
     broken = tmp_path / "124M"
     broken.mkdir()
     (broken / "hparams.json").write_text((OPENAI_TINY / "hparams.json").read_text())
