@@ -17,6 +17,7 @@ carry a leading layer axis, and each layer gets its own draw. Padding rows of th
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -63,6 +64,15 @@ def _draw(cfg: GPTConfig, names: tuple[str, ...], shape: tuple[int, ...], key: A
     return value
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _draw_all(cfg: GPTConfig, specs: tuple[tuple[tuple[str, ...], tuple[int, ...], int], ...], key: Array):
+    """The draws of ``specs`` (path names, shape, fan_in), compiled once per config and tree."""
+    keys = jax.random.split(key, len(specs))
+    return [
+        _draw(cfg, names, shape, k, fan_in) for k, (names, shape, fan_in) in zip(keys, specs, strict=True)
+    ]
+
+
 def book_init(cfg: GPTConfig, shapes: Params, key: Array) -> Params:
     """Params shaped like ``shapes`` (a param tree of arrays or ``jax.ShapeDtypeStruct``), drawn as
     PyTorch initialises the book's ``GPTModel``; a pure function of ``key``.
@@ -70,21 +80,17 @@ def book_init(cfg: GPTConfig, shapes: Params, key: Array) -> Params:
     Each leaf draws with its own key, split from ``key`` in the tree's (sorted) leaf order.
     """
     leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
-    fan_ins = {}  # the fan_in of each Linear, read from its kernel: (..., in, out)
-    for path, leaf in leaves:
-        names = _path_names(path)
-        if names[-1] == "kernel":
-            fan_ins[names[:-1]] = leaf.shape[-2]
-
-    def draw_all(key: Array) -> list[Array]:
-        keys = jax.random.split(key, len(leaves))
-        out = []
-        for k, (path, leaf) in zip(keys, leaves, strict=True):
-            names = _path_names(path)
-            fan_in = fan_ins.get(names[:-1], 0)
-            if names[-1] == "bias" and not fan_in:
-                raise ValueError(f"bias {'/'.join(names)!r} has no kernel beside it to give its fan_in")
-            out.append(_draw(cfg, names, tuple(leaf.shape), k, fan_in))
-        return out
-
-    return jax.tree_util.tree_unflatten(treedef, jax.jit(draw_all)(key))
+    paths = [_path_names(path) for path, _ in leaves]
+    # the fan_in of each Linear, read from its kernel (..., in, out), is also its bias's
+    fan_ins = {
+        names[:-1]: leaf.shape[-2]
+        for names, (_, leaf) in zip(paths, leaves, strict=True)
+        if names[-1] == "kernel"
+    }
+    specs = []
+    for names, (_, leaf) in zip(paths, leaves, strict=True):
+        fan_in = fan_ins.get(names[:-1], 0)
+        if names[-1] == "bias" and not fan_in:
+            raise ValueError(f"bias {'/'.join(names)!r} has no kernel beside it to give its fan_in")
+        specs.append((names, tuple(leaf.shape), fan_in))
+    return jax.tree_util.tree_unflatten(treedef, _draw_all(cfg, tuple(specs), key))
