@@ -13,6 +13,7 @@ _C = TypeVar("_C", bound="FrozenConfig")
 
 _DTYPES = ("float32", "bfloat16")
 _REMAT_POLICIES = ("none", "full", "dots")
+_INITS = ("gpt2", "book")
 
 
 class FrozenConfig:
@@ -68,6 +69,9 @@ class GPTConfig(FrozenConfig):
     # for GPT-2, nanoGPT's GPU-friendly size). The extra rows are zero, their logits are never
     # seen (sliced off, or -inf in the loss), and exported weights drop them: results are unchanged.
     vocab_pad_multiple: int = 1
+    # how init_params draws the weights: "gpt2" (GPT-2's N(0, 0.02), zero biases) or "book"
+    # (PyTorch's defaults, as the book's GPTModel starts: see jaxgpt/init.py and docs/init.md)
+    init: str = "gpt2"
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
@@ -101,6 +105,8 @@ class GPTConfig(FrozenConfig):
             )
         if self.remat not in _REMAT_POLICIES:
             raise ValueError(f"GPTConfig.remat must be one of {_REMAT_POLICIES}, got {self.remat!r}")
+        if self.init not in _INITS:
+            raise ValueError(f"GPTConfig.init must be one of {_INITS}, got {self.init!r}")
 
     @property
     def head_dim(self) -> int:
@@ -116,8 +122,12 @@ class GPTConfig(FrozenConfig):
 
 
 # The book's model sizes (chapter 4.6 and the table in 5.5). Presets follow the book's settings
-# (qkv_bias=False, dropout 0.1); loading pretrained GPT-2 weights switches qkv_bias on.
+# (qkv_bias=False, dropout 0.1); loading pretrained GPT-2 weights switches qkv_bias on. The gpt2-*
+# presets are GPT-2's variant (tied head, N(0, 0.02) weights); book-124m is the book's own model.
 PRESETS: dict[str, GPTConfig] = {
+    # the book's GPT_CONFIG_124M as chapter 5 trains it: context 256, a separate out_head, and
+    # PyTorch's default initialisation. GPT-2's init stalls on the book's small text (docs/init.md).
+    "book-124m": GPTConfig(context_length=256, tie_embeddings=False, init="book"),
     "gpt2-small": GPTConfig(emb_dim=768, n_heads=12, n_layers=12),  # 124M
     "gpt2-medium": GPTConfig(emb_dim=1024, n_heads=16, n_layers=24),  # 355M
     "gpt2-large": GPTConfig(emb_dim=1280, n_heads=20, n_layers=36),  # 774M
@@ -132,7 +142,7 @@ PRESETS: dict[str, GPTConfig] = {
 def get_config(name: str, **overrides: Any) -> GPTConfig:
     """The preset called ``name`` with ``overrides`` applied.
 
-    ``get_config("gpt2-small", context_length=256)`` is the book's ``GPT_CONFIG_124M`` for training.
+    ``get_config("book-124m")`` is the book's ``GPT_CONFIG_124M`` as chapter 5 trains it.
     """
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")

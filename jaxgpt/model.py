@@ -28,6 +28,7 @@ import jax.numpy as jnp
 
 from jaxgpt import ops
 from jaxgpt.config import GPTConfig
+from jaxgpt.init import book_init
 from jaxgpt.ops import Dropout, Linear
 
 Array = jax.Array
@@ -238,8 +239,11 @@ class GPTModel(nn.Module):
 
 
 def init_params(cfg: GPTConfig, key: Array) -> Params:
-    """Randomly initialised parameters for ``cfg`` (GPT-2's N(0, 0.02) weights, unit norms)."""
+    """Randomly initialised parameters for ``cfg``: GPT-2's N(0, 0.02) weights and unit norms, or
+    with ``cfg.init == "book"`` PyTorch's defaults as the book's model gets them (jaxgpt.init)."""
     dummy = jnp.zeros((1, min(cfg.context_length, 8)), dtype=jnp.int32)
+    if cfg.init == "book":
+        return book_init(cfg, jax.eval_shape(lambda k: GPTModel(cfg).init(k, dummy)["params"], key), key)
     return jax.jit(lambda k: GPTModel(cfg).init(k, dummy)["params"])(key)
 
 

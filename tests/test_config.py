@@ -55,11 +55,35 @@ def test_config_is_frozen_and_replace_validates():
         ("scan_unroll", 0),
         ("vocab_pad_multiple", 0),
         ("vocab_pad_multiple", True),
+        ("init", "xavier"),
     ],
 )
 def test_invalid_values_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         GPTConfig(**{field: value})
+
+
+def test_invalid_init_names_the_allowed_values():
+    with pytest.raises(ValueError, match=r"GPTConfig.init must be one of \('gpt2', 'book'\), got 'pytorch'"):
+        GPTConfig(init="pytorch")
+
+
+def test_book_preset_is_the_books_chapter_5_model():
+    # the book's GPT_CONFIG_124M as ch05's gpt_train.py writes it (context 256), trained with a
+    # separate out_head from PyTorch's default initialisation
+    book = {
+        "vocab_size": 50257,
+        "context_length": 256,
+        "emb_dim": 768,
+        "n_heads": 12,
+        "n_layers": 12,
+        "drop_rate": 0.1,
+        "qkv_bias": False,
+    }
+    cfg = get_config("book-124m")
+    assert {k: getattr(cfg, k) for k in book} == book
+    assert cfg.tie_embeddings is False and cfg.init == "book"
+    assert GPTConfig().init == "gpt2" and all(PRESETS[f"gpt2-{s}"].init == "gpt2" for s in ("small", "xl"))
 
 
 def test_unknown_preset_lists_the_known_ones():
