@@ -196,12 +196,13 @@ class TrainState:
 
 
 def create_train_state(
-    cfg: GPTConfig, tcfg: TrainConfig, key: Array, total_steps: int
+    cfg: GPTConfig, tcfg: TrainConfig, key: Array, total_steps: int, params: Params | None = None
 ) -> tuple[TrainState, optax.GradientTransformation]:
-    """Fresh params (from ``key``) and optimizer state; also returns the optimizer itself."""
+    """Fresh optimizer state, and params drawn from ``key`` unless ``params`` are given (to continue
+    pretraining from loaded weights); also returns the optimizer itself."""
     init_key, dropout_key = jax.random.split(key)
     tx = make_optimizer(tcfg, total_steps)
-    params = init_params(cfg, init_key)
+    params = init_params(cfg, init_key) if params is None else params
     state = TrainState(
         params=params, opt_state=tx.init(params), step=jnp.zeros((), jnp.int32), rng=dropout_key
     )

@@ -64,6 +64,7 @@ import jax  # noqa: E402
 import optax  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+import jaxgpt  # noqa: E402
 from jaxgpt import sharding  # noqa: E402
 from jaxgpt.checkpoint import (  # noqa: E402
     CheckpointError,
@@ -73,7 +74,7 @@ from jaxgpt.checkpoint import (  # noqa: E402
 )
 from jaxgpt.config import PRESETS, GPTConfig, backend_defaults, get_config  # noqa: E402
 from jaxgpt.data import Data, DataError, default_corpus, load_corpus, prepare_data  # noqa: E402
-from jaxgpt.model import count_params  # noqa: E402
+from jaxgpt.model import count_params, init_params  # noqa: E402
 from jaxgpt.plot import plot_losses  # noqa: E402
 from jaxgpt.shards import is_shard_dir, shard_loaders  # noqa: E402
 from jaxgpt.train import (  # noqa: E402
@@ -117,7 +118,18 @@ TRAIN_FLAGS = {
     "sample_top_k": "sample_top_k",
 }
 FLAG_OF_FIELD = {field: "--" + flag.replace("_", "-") for flag, field in TRAIN_FLAGS.items()}
-RUN_FLAGS = ("preset", "data", "context_length", "dtype", "remat", "set", "save_every", "keep", "out")
+RUN_FLAGS = (
+    "preset",
+    "init_from",
+    "data",
+    "context_length",
+    "dtype",
+    "remat",
+    "set",
+    "save_every",
+    "keep",
+    "out",
+)
 SAVE_EVERY, KEEP = 100, 2
 
 
@@ -147,6 +159,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     a = p.add_argument
     a("--preset", choices=sorted(PRESETS), help="model size (default: quickstart)")
+    a(
+        "--init-from",
+        metavar="MODEL",
+        help="continue pretraining from these weights instead of a preset's random ones: a GPT-2 name "
+        "(gpt2, gpt2-medium, ...), the book's gpt2/124M download, a Hugging Face directory, a run or a "
+        ".pth; the model's configuration comes from them, the training options default to the book's",
+    )
     a(
         "--data",
         nargs="+",
@@ -375,30 +394,53 @@ def _train_config(preset: str, args: argparse.Namespace) -> TrainConfig:
         raise UsageError(f"{FLAG_OF_FIELD.get(e.field, e.field)} {e.problem}") from e
 
 
-def _model_config(preset: str, args: argparse.Namespace) -> GPTConfig:
-    preset_cfg = get_config(preset)
+def _model_config(base: GPTConfig, args: argparse.Namespace, origin: str) -> GPTConfig:
+    """``base`` (a preset's or loaded weights' config, named by ``origin``) with the flags applied."""
     overrides = _parse_overrides(args.set)
     if args.dtype is not None:
         overrides["dtype"] = args.dtype
-    defaults = backend_defaults(jax.default_backend(), overrides.get("n_layers", preset_cfg.n_layers))
+    defaults = backend_defaults(jax.default_backend(), overrides.get("n_layers", base.n_layers))
     if overrides.get("dtype") == "float32":  # float32 asked for: no bf16 activations either
         defaults.pop("activation_dtype", None)
     overrides = {**defaults, **overrides}
     if args.remat is not None:
         overrides["remat"] = args.remat
     if args.context_length is not None:
-        if not 0 < args.context_length <= preset_cfg.context_length:
+        if not 0 < args.context_length <= base.context_length:
             raise UsageError(
-                f"--context-length {args.context_length} does not fit preset {preset!r}: "
-                f"it must be between 1 and its context length {preset_cfg.context_length}"
+                f"--context-length {args.context_length} does not fit {origin}: "
+                f"it must be between 1 and its context length {base.context_length}"
             )
         overrides["context_length"] = args.context_length
     try:
-        return preset_cfg.replace(**overrides)
+        return base.replace(**overrides)
     except TypeError as e:
         raise UsageError(f"--set names an unknown GPTConfig field: {e}") from e
     except ValueError as e:
         raise UsageError(f"--set: {e}") from e
+
+
+def _initial_params(args: argparse.Namespace) -> tuple[GPTConfig, Any, str]:
+    """For --init-from: (config with the flags applied, the loaded params fitted to it, origin)."""
+    if args.preset:
+        raise UsageError("--init-from takes the model's configuration from its weights; drop --preset")
+    origin = f"--init-from {args.init_from}"
+    try:
+        loaded_cfg, params = jaxgpt.load(args.init_from)
+    except (FileNotFoundError, ValueError, ImportError) as e:
+        raise UsageError(f"{origin}: {e}") from e
+    cfg = _model_config(loaded_cfg, args, origin)
+    if cfg.context_length < loaded_cfg.context_length:  # keep the first positions, as nanoGPT's crop
+        params = {**params, "pos_emb": {"embedding": params["pos_emb"]["embedding"][: cfg.context_length]}}
+    expected = jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0)))
+    got = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params)
+    if jax.tree.structure(expected) != jax.tree.structure(got) or any(
+        e.shape != g.shape for e, g in zip(jax.tree.leaves(expected), jax.tree.leaves(got), strict=True)
+    ):
+        raise UsageError(
+            f"--set changes the shape of the model loaded by {origin}; only shape-free fields fit"
+        )
+    return cfg, params, origin
 
 
 # --------------------------------------------------------------------------------------------
@@ -446,9 +488,13 @@ def _setup_new(args: argparse.Namespace) -> RunSetup:
         raise UsageError(f"--save-every must be an integer >= 0, got {save_every}")
     if keep < 1:
         raise UsageError(f"--keep must be a positive integer, got {keep}")
-    preset = args.preset or "quickstart"
-    cfg, tcfg = _model_config(preset, args), _train_config(preset, args)
-    out = Path(args.out) if args.out else Path("runs") / f"{preset}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    params, name = None, args.preset or "quickstart"
+    if args.init_from:
+        cfg, params, _ = _initial_params(args)
+        tcfg, name = _train_config("book-124m", args), Path(args.init_from).name or "model"
+    else:
+        cfg, tcfg = _model_config(get_config(name), args, f"preset {name!r}"), _train_config(name, args)
+    out = Path(args.out) if args.out else Path("runs") / f"{name}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
     _check_new_out(out)
     mesh = _make_mesh(args.mesh)
     _CtrlC.check()
@@ -456,12 +502,13 @@ def _setup_new(args: argparse.Namespace) -> RunSetup:
     _CtrlC.check()
     total = total_train_steps(data.train_loader, tcfg)
     if mesh is None:
-        state, tx = create_train_state(cfg, tcfg, jax.random.PRNGKey(tcfg.seed), total)
+        state, tx = create_train_state(cfg, tcfg, jax.random.PRNGKey(tcfg.seed), total, params)
     else:  # each device initialises only its shards
-        new = lambda: create_train_state(cfg, tcfg, jax.random.PRNGKey(tcfg.seed), total)[0]  # noqa: E731
+        new = lambda: create_train_state(cfg, tcfg, jax.random.PRNGKey(tcfg.seed), total, params)[0]  # noqa: E731
         state, tx = sharding.init_sharded(new, mesh)[0], make_optimizer(tcfg, total)
     run_cfg = {
-        "preset": preset,
+        "preset": args.preset or (None if args.init_from else name),
+        "init_from": args.init_from,
         "model_config": cfg.to_dict(),
         "train_config": tcfg.to_dict(),
         "data": {

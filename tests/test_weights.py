@@ -396,7 +396,7 @@ def test_load_takes_n_heads_only_where_the_source_lacks_it(tmp_path):
 def test_load_names_the_path_and_what_it_expected(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"nowhere does not exist: expected a Hugging Face"):
         load(tmp_path / "nowhere")
-    with pytest.raises(ValueError, match=r"is neither a Hugging Face directory .* the book's \.pth .* nor a GPT-2 name"):
+    with pytest.raises(ValueError, match=r"is neither a Hugging Face directory .* \.pth .* nor a GPT-2 name"):
         load(tmp_path)
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(ValueError, match="has config.json but neither model.safetensors nor checkpoints/"):
