@@ -24,8 +24,8 @@
 #   (`torch` and the book's `llms-from-scratch` package), section 5.2 trains from the book's
 #   exact initial weights and prints jaxgpt's losses beside the book's. Without them the same
 #   procedure runs on a slice of `jaxgpt.default_corpus()`, and says so.
-# - `JAXGPT_HF_GPT2`: a local Hugging Face GPT-2 directory (`config.json` + `model.safetensors`)
-#   for section 5.5; skipped with a message when unset.
+# - `JAXGPT_GPT2`: OpenAI's GPT-2 for section 5.5: the book's `gpt2/124M` download folder, a
+#   Hugging Face directory or a name in the Hugging Face cache; skipped with a message when absent.
 # - `JAXGPT_QUICK=1`: a tiny model and a short run (the test suite); `JAXGPT_FIGURES`: figure folder.
 #
 # The full run (124M parameters, 90 steps) takes about a minute on a GPU and tens of minutes on a
@@ -606,35 +606,55 @@ with tempfile.TemporaryDirectory() as run_dir:
     assert loaded_cfg == cfg and same_params
 
 # %% [markdown]
-# ## 5.5 Loading pretrained weights from OpenAI (a local Hugging Face directory)
+# ## 5.5 Loading pretrained weights from OpenAI
 #
-# The book downloads OpenAI's TensorFlow checkpoint; jaxgpt reads a local Hugging Face GPT-2
-# directory instead (`jaxgpt.weights.load_hf_gpt2`), with every name and shape checked.
+# The book downloads OpenAI's TensorFlow checkpoint with `gpt_download.py` (a folder such as
+# `gpt2/124M/`) and reads it with TensorFlow. jaxgpt reads that folder with NumPy alone, every
+# tensor's name, shape and checksum checked, and also takes a GPT-2 name from the Hugging Face cache
+# or a Hugging Face directory: `jaxgpt.load` tells which. Set `JAXGPT_GPT2` to the folder or name;
+# without it, `gpt2` is used if the Hugging Face cache already holds it (nothing is downloaded).
 
 # %%
-hf_dir = os.environ.get("JAXGPT_HF_GPT2")
-if not hf_dir:
-    print(
-        "JAXGPT_HF_GPT2 is not set: skipping GPT-2 weights (point it at a local gpt2 directory "
-        "with config.json and model.safetensors)"
-    )
+gpt2_source = os.environ.get("JAXGPT_GPT2")
+gpt2_model = None
+if gpt2_source:
+    gpt2_model = jaxgpt.load(gpt2_source)
 else:
-    gpt2_cfg, gpt2_params = jaxgpt.weights.load_hf_gpt2(hf_dir)
-    print(gpt2_cfg)
-    print(f"{jaxgpt.count_params(gpt2_params):,} parameters")
-    # GPT-2's 50,257-token vocabulary leaves the ids as they are; a toy test model's small one folds them.
-    prompt = start_ids % gpt2_cfg.vocab_size
+    try:
+        gpt2_model = jaxgpt.from_pretrained("gpt2", local_files_only=True)
+        gpt2_source = "gpt2 (from the Hugging Face cache)"
+    except FileNotFoundError:
+        print(
+            "skipping 5.5: JAXGPT_GPT2 is not set and the Hugging Face cache holds no gpt2 (set it to "
+            "the gpt2/124M folder of the book's gpt_download.py, or a Hugging Face directory)"
+        )
+if gpt2_model is not None:
+    gpt2_cfg, gpt2_params = gpt2_model
+    print(f"{gpt2_source}: {jaxgpt.count_params(gpt2_params):,} parameters\n{gpt2_cfg}")
     sampled = jaxgpt.generate(
-        gpt2_params, gpt2_cfg, prompt, max_new_tokens=25, temperature=1.5, top_k=50, key=jax.random.key(123)
+        gpt2_params,
+        gpt2_cfg,
+        start_ids,
+        max_new_tokens=25,
+        temperature=1.5,
+        top_k=50,
+        key=jax.random.key(123),
     )
-    greedy = jaxgpt.generate(gpt2_params, gpt2_cfg, prompt, max_new_tokens=25)
+    greedy = jaxgpt.generate(gpt2_params, gpt2_cfg, start_ids, max_new_tokens=25)
     print("Sampled (temperature 1.5, top-k 50):\n", jaxgpt.token_ids_to_text(sampled))
     print("Greedy:\n", jaxgpt.token_ids_to_text(greedy))
     gpt2_logits = jaxgpt.GPTModel(gpt2_cfg).apply({"params": gpt2_params}, greedy[:, :-1])  # (1, T, V)
     # Greedy decoding picks each next token as the argmax of the logits at the position before it.
     assert jnp.array_equal(
-        jnp.argmax(gpt2_logits[0, prompt.shape[1] - 1 :], axis=-1), greedy[0, prompt.shape[1] :]
+        jnp.argmax(gpt2_logits[0, start_ids.shape[1] - 1 :], axis=-1), greedy[0, start_ids.shape[1] :]
     )
+    # How well the model predicts this chapter's text: perplexity over sliding windows (5.1.2).
+    window = min(gpt2_cfg.context_length, 256)
+    ppl = jaxgpt.perplexity(
+        gpt2_params, gpt2_cfg, text_data[:4000], context_length=window, stride=window // 2
+    )
+    print(f"perplexity on the first 4,000 characters of {text_source}: {ppl.perplexity:.2f}")
+    assert math.isclose(ppl.perplexity, math.exp(ppl.mean_loss), rel_tol=1e-6)
 
 # %%
 print("ch05: all checks passed")

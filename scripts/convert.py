@@ -4,11 +4,13 @@
     python scripts/convert.py runs/x/checkpoints/400 out/model.pth   # one checkpoint step -> book .pth
     python scripts/convert.py out/hf out/model.pth                   # HF directory -> book .pth
     python scripts/convert.py model.pth out/hf --n-heads 12          # book .pth -> HF directory
+    python scripts/convert.py gpt2/124M out/model.pth                # the book's OpenAI download -> .pth
 
 Sources: anything ``jaxgpt.load`` reads, recognised from the path: a run directory of
 ``scripts/train.py`` (its latest step) or one step directory, a Hugging Face directory
 (config.json + model.safetensors), or the book's ``.pth`` (``torch.save(model.state_dict())`` or
-the book's ``{"model_state_dict": ...}`` checkpoint; needs torch). Targets: a Hugging Face
+the book's ``{"model_state_dict": ...}`` checkpoint; needs torch), the folder the book's
+``gpt_download.py`` writes (gpt2/124M, read without TensorFlow) or a GPT-2 name. Targets: a Hugging Face
 directory (``GPT2LMHeadModel.from_pretrained`` loads it) or a book .pth file
 (``GPTModel(cfg).load_state_dict(torch.load(path))``), chosen by ``--to`` or by the destination's
 suffix (.pth/.pt: book, anything else: Hugging Face). There is no conversion *to* a training
@@ -62,7 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=__doc__.split("\n\n", 2)[2],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("src", help="training run/step directory, Hugging Face directory or book .pth file")
+    p.add_argument(
+        "src",
+        help="training run/step directory, Hugging Face directory, book .pth file, the book's OpenAI "
+        "download (gpt2/124M) or a GPT-2 name (gpt2, gpt2-medium, ...)",
+    )
     p.add_argument("dst", help="output: a directory (Hugging Face) or a .pth file (book)")
     p.add_argument(
         "--to", choices=sorted(_TARGETS), help="output format (default: from the destination's suffix)"

@@ -3,10 +3,12 @@
     python scripts/generate.py runs/quickstart-.../ --prompt "Every effort moves you"
     python scripts/generate.py out/hf --temperature 1.4 --top-k 25 --seed 123 --stream
     python scripts/generate.py model.pth --temperature 0 --n-heads 12   # greedy, the book's GPTModel weights
+    python scripts/generate.py gpt2 --prompt "Every effort moves you"   # OpenAI's GPT-2, by name
 
 The model is anything ``jaxgpt.load`` reads: a training run directory of ``scripts/train.py`` (its
 latest checkpoint) or one of its step directories, a Hugging Face GPT-2 directory (config.json +
-model.safetensors), or the book's ``.pth`` state dict (needs torch). By default it samples
+model.safetensors), the book's ``.pth`` state dict (needs torch), the folder the book's
+``gpt_download.py`` writes (gpt2/124M), or a GPT-2 name from the Hugging Face hub. By default it samples
 (temperature 1, the 40 most likely tokens, seed 123), so even a small model shows text rather
 than repeating its likeliest token; ``--temperature 0`` is greedy, as the book's
 ``generate_text_simple``. The prompt and its continuation are printed; with ``--stream`` each
@@ -74,7 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=__doc__.split("\n\n", 2)[2],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("model", help="training run or step directory, Hugging Face directory, or book .pth file")
+    p.add_argument(
+        "model",
+        help="training run or step directory, Hugging Face directory, book .pth file, the book's OpenAI "
+        "download (gpt2/124M) or a GPT-2 name (gpt2, gpt2-medium, ...)",
+    )
     p.add_argument("--prompt", default="Every effort moves you", help="start context (default: %(default)r)")
     p.add_argument(
         "--max-new-tokens", type=_number(int, 0), default=50, help="tokens to generate (default: %(default)s)"

@@ -44,8 +44,9 @@ def _run_notebook(name: str, figures: Path) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ)
     env.pop("JAXGPT_VERDICT", None)  # the quick run never trains on the book's text
     env.pop("JAXGPT_TORCH_REFERENCE", None)
-    # ch05's GPT-2 loading section runs on the tiny Hugging Face fixture the weights tests use.
-    env["JAXGPT_HF_GPT2"] = str(ROOT / "tests" / "fixtures" / "hf_tiny")
+    # ch05's GPT-2 section reads the tiny model TensorFlow wrote in OpenAI's layout, as the book's
+    # gpt_download.py leaves it.
+    env["JAXGPT_GPT2"] = str(ROOT / "tests" / "fixtures" / "openai_tiny")
     env.update(
         JAXGPT_QUICK="1",
         JAXGPT_FIGURES=str(figures),
