@@ -322,7 +322,10 @@ def explicit_attention(
 
 def _cudnn_unavailable(head_dim: int) -> str | None:
     """Why cuDNN's flash attention cannot run on this GPU for ``head_dim``, or None when it can."""
-    device = jax.devices("gpu")[0]
+    try:
+        device = jax.devices("gpu")[0]
+    except RuntimeError:  # JAX reports a "gpu" backend but has no GPU device to run on
+        return "no GPU device is visible"
     if "cuda" not in jax.extend.backend.get_backend("gpu").platform_version.lower():
         return "the GPU is not driven by CUDA"
     capability = tuple(int(part) for part in str(getattr(device, "compute_capability", "0.0")).split("."))

@@ -654,7 +654,7 @@ if gpt2_model is not None:
         gpt2_params, gpt2_cfg, text_data[:4000], context_length=window, stride=window // 2
     )
     print(f"perplexity on the first 4,000 characters of {text_source}: {ppl.perplexity:.2f}")
-    assert math.isclose(ppl.perplexity, math.exp(ppl.mean_loss), rel_tol=1e-6)
+    assert math.isclose(ppl.perplexity, math.exp(ppl.loss), rel_tol=1e-6)
 
 # %%
 print("ch05: all checks passed")
