@@ -31,6 +31,7 @@ from jaxgpt.generation import (
     top_k_mask,
     top_p_mask,
 )
+from jaxgpt.lora import init_lora, lora_param_count, merge_lora
 from jaxgpt.loss import calc_loss_batch, calc_loss_loader, cross_entropy
 from jaxgpt.model import GPTModel, count_params, init_cache, init_params
 from jaxgpt.pretrained import from_pretrained
@@ -88,14 +89,17 @@ __all__ = [
     "get_config",
     "get_tokenizer",
     "init_cache",
+    "init_lora",
     "init_params",
     "load",
     "load_book_state_dict",
     "load_checkpoint",
     "load_hf_gpt2",
+    "lora_param_count",
     "make_dataset",
     "make_mesh",
     "make_optimizer",
+    "merge_lora",
     "open_shards",
     "params_from_hf",
     "params_to_hf",
