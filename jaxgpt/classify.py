@@ -240,7 +240,7 @@ def make_dataset(
     its validation and test sets (padded to the training set's length), and must itself fit
     ``context_length``. ``where`` prefixes messages (the file name).
     """
-    where = f"{where}: " if where else ""
+    where = f"{where}, " if where else ""
     encoded = [tokenizer.encode_ordinary(text) for text in data.texts]
     if max_length is None:
         if not encoded:
