@@ -549,11 +549,24 @@ class ClassifierState:
     opt_state: optax.OptState
     step: Array  # () int32
     rng: Array  # (2,) uint32
+    # None: ``trainable`` is a part of the params (partition_params); a number: ``trainable`` holds
+    # LoRA adapters over all of ``frozen``, scaled by this alpha (jaxgpt.lora)
+    lora_alpha: float | None = flax.struct.field(pytree_node=False, default=None)
 
     @property
     def params(self) -> Params:
-        """The whole classifier (the blocks joined again)."""
+        """The whole classifier: the blocks joined again, or the adapters merged in."""
+        if self.lora_alpha is not None:
+            from jaxgpt.lora import merge_lora  # jaxgpt.lora builds on this module
+
+            return merge_lora(self.frozen, self.trainable, self.lora_alpha)
         return combine_params(self.trainable, self.frozen)
+
+    def eval_parts(self) -> tuple[Params, Params | None]:
+        """(params, frozen) for the loss and accuracy functions."""
+        if self.lora_alpha is not None:
+            return self.params, None
+        return self.trainable, self.frozen
 
 
 def make_classifier_optimizer(
@@ -636,10 +649,10 @@ def evaluate_classifier(
     state: ClassifierState, cfg: GPTConfig, train_loader: Any, val_loader: Any, eval_iter: int
 ) -> tuple[float, float]:
     """(train loss, validation loss), at most ``eval_iter`` batches each (the book's ``evaluate_model``)."""
-    args = (state.trainable, cfg)
+    params, frozen = state.eval_parts()
     return (
-        calc_loss_loader(*args, train_loader.iter_epoch(0), eval_iter, frozen=state.frozen),
-        calc_loss_loader(*args, val_loader.iter_epoch(0), eval_iter, frozen=state.frozen),
+        calc_loss_loader(params, cfg, train_loader.iter_epoch(0), eval_iter, frozen=frozen),
+        calc_loss_loader(params, cfg, val_loader.iter_epoch(0), eval_iter, frozen=frozen),
     )
 
 
@@ -666,7 +679,12 @@ def train_classifier_simple(
     """
     history = ClassifierHistory.empty() if history is None else history
     say = print_fn or (lambda _: None)
-    step_fn = jit_classifier_train_step(cfg, tx)
+    if state.lora_alpha is None:
+        step_fn = jit_classifier_train_step(cfg, tx)
+    else:
+        from jaxgpt.lora import jit_lora_train_step
+
+        step_fn = jit_lora_train_step(cfg, tx, state.lora_alpha)
     global_step = int(state.step) - 1
     for epoch in range(history.epochs_done, num_epochs):
         for input_batch, target_batch in train_loader.iter_epoch(epoch):
@@ -681,12 +699,11 @@ def train_classifier_simple(
                     f"Ep {epoch + 1} (Step {global_step:06d}): "
                     f"Train loss {train_loss:.3f}, Val loss {val_loss:.3f}"
                 )
+        params, frozen = state.eval_parts()
         train_accuracy = calc_accuracy_loader(
-            state.trainable, cfg, train_loader.iter_epoch(0), eval_iter, frozen=state.frozen
+            params, cfg, train_loader.iter_epoch(0), eval_iter, frozen=frozen
         )
-        val_accuracy = calc_accuracy_loader(
-            state.trainable, cfg, val_loader.iter_epoch(0), eval_iter, frozen=state.frozen
-        )
+        val_accuracy = calc_accuracy_loader(params, cfg, val_loader.iter_epoch(0), eval_iter, frozen=frozen)
         say(
             f"Training accuracy: {train_accuracy * 100:.2f}% | Validation accuracy: {val_accuracy * 100:.2f}%"
         )

@@ -85,15 +85,17 @@ def lora_param_count(adapters: Params) -> int:
 
 
 def create_lora_state(
-    params: Params, tx: optax.GradientTransformation, adapters: Params, seed: int = 123
+    params: Params, tx: optax.GradientTransformation, adapters: Params, alpha: float, seed: int = 123
 ) -> ClassifierState:
-    """A fine-tuning state whose trainable part is ``adapters`` and frozen part all of ``params``."""
+    """A fine-tuning state whose trainable part is ``adapters`` and frozen part all of ``params``;
+    :func:`jaxgpt.classify.train_classifier_simple` trains it with :func:`lora_train_step`."""
     return ClassifierState(
         trainable=adapters,
         frozen=params,
         opt_state=tx.init(adapters),
         step=jnp.zeros((), jnp.int32),
         rng=jax.random.key_data(jax.random.PRNGKey(seed)),
+        lora_alpha=float(alpha),
     )
 
 

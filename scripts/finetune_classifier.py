@@ -8,6 +8,8 @@ The book's procedure: every class cut to the size of the smallest (--seed), spli
 token ids padded with 50256 to the longest training text (or --max-length), a new head of one
 output per class, and only --trainable parts training (the book's: the last block, the final
 norm and the head) with AdamW, --epochs 5, --batch-size 8, --lr 5e-5, --weight-decay 0.1.
+--lora-rank 16 trains LoRA adapters (appendix E, --lora-alpha 16) on every block linear and the
+head instead, all weights frozen.
 
 --data: a label<TAB>text file (the UCI SMS Spam Collection's form) or a .csv with a header
 naming "text" and "label" columns; any number of classes. --init-from: anything jaxgpt.load
@@ -66,9 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--trainable",
-        default="last-block",
-        help="last-block (the book's), last-N (N last blocks + final norm + head), head or all",
+        help="last-block (the book's, the default), last-N (N last blocks + final norm + head), head or all",
     )
+    p.add_argument("--lora-rank", type=int, help="train LoRA adapters of this rank instead (appendix E)")
+    p.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA scale (default: %(default)s)")
     p.add_argument("--epochs", type=int, default=5, help="default: %(default)s")
     p.add_argument("--batch-size", type=int, default=8, help="default: %(default)s")
     p.add_argument("--lr", type=float, default=5e-5, help="AdamW learning rate (default: %(default)s)")
@@ -104,6 +107,12 @@ def _check_options(args: argparse.Namespace) -> None:
         raise InputError(f"--weight-decay must be >= 0, got {args.weight_decay}")
     if not 0 <= args.drop_rate < 1:
         raise InputError(f"--drop-rate must be in [0, 1), got {args.drop_rate}")
+    if args.lora_rank is not None and args.lora_rank < 1:
+        raise InputError(f"--lora-rank must be a positive integer, got {args.lora_rank}")
+    if not args.lora_alpha > 0:
+        raise InputError(f"--lora-alpha must be a positive number, got {args.lora_alpha}")
+    if args.lora_rank is not None and args.trainable is not None:
+        raise InputError("--trainable and --lora-rank exclude each other: with LoRA only the adapters train")
     if args.seed < 0:
         raise InputError(f"--seed must be >= 0, got {args.seed}")
     if args.data is None:
@@ -184,11 +193,15 @@ def _prepare(args: argparse.Namespace) -> dict[str, Any]:
         raise InputError(
             f"the model knows {cfg.vocab_size} token ids, but GPT-2's tokenizer and padding token need 50257"
         )
-    trainable = settings["trainable"] if settings else args.trainable
-    try:
-        parse_trainable(trainable, cfg.n_layers)
-    except ValueError as e:
-        raise InputError(f"--trainable: {e}") from None
+    lora_rank = settings["lora_rank"] if settings else args.lora_rank
+    trainable = settings["trainable"] if settings else args.trainable or "last-block"
+    if lora_rank is None:
+        try:
+            parse_trainable(trainable, cfg.n_layers)
+        except ValueError as e:
+            raise InputError(f"--trainable: {e}") from None
+    else:
+        trainable = "lora"
 
     seed = settings["seed"] if settings else args.seed
     max_length = settings["max_length"] if settings else args.max_length
@@ -212,6 +225,8 @@ def _prepare(args: argparse.Namespace) -> dict[str, Any]:
         "label_names": list(data.label_names),
         "max_length": max_length,
         "trainable": trainable,
+        "lora_rank": lora_rank,
+        "lora_alpha": args.lora_alpha,
         "seed": seed,
         "learning_rate": args.lr,
         "weight_decay": args.weight_decay,
@@ -285,7 +300,7 @@ def _train(args: argparse.Namespace, prep: dict[str, Any]) -> dict[str, Any]:
         params = classify.add_classification_head(
             prep["params"], cfg, num_classes, jax.random.PRNGKey(settings["seed"])
         )
-        state = classify.create_classifier_state(params, cfg, tx, settings["trainable"], settings["seed"])
+        state = _fresh_state(params, cfg, tx, settings)
         history = classify.ClassifierHistory.empty()
     else:
         state, history = _restore(mngr, cfg, tx, settings, prep["meta"])
@@ -295,7 +310,10 @@ def _train(args: argparse.Namespace, prep: dict[str, Any]) -> dict[str, Any]:
         record = dataclasses.asdict(history)
         meta = {"kind": FORMAT, "model_config": cfg.to_dict(), "settings": settings, "history": record}
         opt = {"opt_state": state.opt_state, "step": state.step, "rng": state.rng}
-        mngr.save(int(state.step), state.params, opt, meta)
+        if state.lora_alpha is None:
+            mngr.save(int(state.step), state.params, opt, meta)
+        else:  # the frozen weights as they were, and the adapters beside the optimizer state
+            mngr.save(int(state.step), state.frozen, {**opt, "adapters": state.trainable}, meta)
         (args.out / "metrics.json").write_text(json.dumps(record, indent=1) + "\n")
         _plot(record, args.out)
 
@@ -311,9 +329,9 @@ def _train(args: argparse.Namespace, prep: dict[str, Any]) -> dict[str, Any]:
         history=history,
         on_epoch_end=save,
     )
+    params, frozen = state.eval_parts()
     accs = [
-        classify.calc_accuracy_loader(state.trainable, cfg, loader.iter_epoch(0), frozen=state.frozen)
-        for loader in loaders
+        classify.calc_accuracy_loader(params, cfg, loader.iter_epoch(0), frozen=frozen) for loader in loaders
     ]
     print(f"Training accuracy: {accs[0] * 100:.2f}%")
     print(f"Validation accuracy: {accs[1] * 100:.2f}%")
@@ -330,7 +348,21 @@ def _train(args: argparse.Namespace, prep: dict[str, Any]) -> dict[str, Any]:
     return results
 
 
+def _fresh_state(params, cfg, tx, settings):
+    """The state that starts fine-tuning ``params`` (a classifier) as ``settings`` say."""
+    import jax
+
+    from jaxgpt import classify, lora
+
+    seed = settings["seed"]
+    if settings["lora_rank"] is None:
+        return classify.create_classifier_state(params, cfg, tx, settings["trainable"], seed)
+    adapters = lora.init_lora(params, settings["lora_rank"], jax.random.PRNGKey(seed + 1))
+    return lora.create_lora_state(params, tx, adapters, settings["lora_alpha"], seed)
+
+
 def _restore(mngr, cfg, tx, settings, meta):
+    """(state, history) of the latest checkpoint in ``mngr``, exactly as it was saved."""
     import jax
     import numpy as np
 
@@ -339,30 +371,39 @@ def _restore(mngr, cfg, tx, settings, meta):
 
     def template():
         key = jax.random.PRNGKey(0)
-        params = classify.add_classification_head(
-            init_params(cfg, key), cfg, len(settings["label_names"]), key
-        )
-        return classify.create_classifier_state(params, cfg, tx, settings["trainable"])
+        num_classes = len(settings["label_names"])
+        params = classify.add_classification_head(init_params(cfg, key), cfg, num_classes, key)
+        return _fresh_state(params, cfg, tx, settings)
 
-    like = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), jax.eval_shape(template))
+    shapes = jax.eval_shape(template)
+    like = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), shapes)
     opt_like = {"opt_state": like.opt_state, "step": like.step, "rng": like.rng}
-    _, params, opt, _ = mngr.restore(None, params_like=like.params, state_like=opt_like)
-    trainable, frozen = classify.partition_params(params, cfg, settings["trainable"])
-    state = classify.ClassifierState(trainable, frozen, opt["opt_state"], opt["step"], opt["rng"])
+    if shapes.lora_alpha is None:
+        _, params, opt, _ = mngr.restore(None, params_like=like.params, state_like=opt_like)
+        trainable, frozen = classify.partition_params(params, cfg, settings["trainable"])
+    else:
+        opt_like["adapters"] = like.trainable
+        _, frozen, opt, _ = mngr.restore(None, params_like=like.frozen, state_like=opt_like)
+        trainable = opt["adapters"]
+    state = classify.ClassifierState(
+        trainable, frozen, opt["opt_state"], opt["step"], opt["rng"], lora_alpha=shapes.lora_alpha
+    )
     return state, classify.ClassifierHistory(**meta["history"])
 
 
 def _classify(args: argparse.Namespace) -> int:
     from jaxgpt.checkpoint import CheckpointError, CheckpointManager
-    from jaxgpt.classify import classify_review
+    from jaxgpt.classify import classify_review, make_classifier_optimizer
     from jaxgpt.config import GPTConfig
 
     meta = _read_meta(args.out)
+    cfg, settings = GPTConfig.from_dict(meta["model_config"]), meta["settings"]
+    tx = make_classifier_optimizer(settings["learning_rate"], settings["weight_decay"])
     try:
-        _, params, _, _ = CheckpointManager(args.out, read_only=True).restore()
+        state, _ = _restore(CheckpointManager(args.out, read_only=True), cfg, tx, settings, meta)
     except CheckpointError as e:
         raise InputError(f"--out {args.out}: {e}") from None
-    cfg, settings = GPTConfig.from_dict(meta["model_config"]), meta["settings"]
+    params = state.params
     print(classify_review(args.classify, params, cfg, settings["max_length"], settings["label_names"]))
     return 0
 

@@ -72,6 +72,9 @@ def test_help_lists_exit_codes(capsys):
         (["--trainable", "last-3"], "--trainable: trainable must be"),
         (["--batch-size", "100"], "fewer than --batch-size 100"),
         (["--drop-rate", "1"], "--drop-rate must be in [0, 1)"),
+        (["--lora-rank", "0"], "--lora-rank must be a positive integer"),
+        (["--lora-rank", "2", "--lora-alpha", "0"], "--lora-alpha must be a positive number"),
+        (["--lora-rank", "2", "--trainable", "all"], "--trainable and --lora-rank exclude each other"),
     ],
 )
 def test_bad_options_exit_2_before_work(capsys, tmp_path, tiny_model, sms_head, extra, expected):
@@ -170,3 +173,34 @@ def test_end_to_end_writes_a_run_resumes_exactly_and_classifies(capsys, tmp_path
     expected = ("ham", "spam")[int(np.argmax(classifier_logits(a, cfg, ids)[0]))]
     assert out.strip() == expected
     assert read_labeled_texts(sms_head).label_names == ("ham", "spam")
+
+
+@needs_sms
+def test_lora_run_trains_only_adapters_resumes_exactly_and_classifies(capsys, tmp_path, tiny_model, sms_head):
+    common = ["--data", sms_head, "--max-length", 32, "--batch-size", 4, "--eval-freq", 3, "--eval-iter", 2]
+    start = ["--init-from", tiny_model, "--lr", 1e-3, "--lora-rank", 2, "--lora-alpha", 4]
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    code, _, err = _run(capsys, *common, *start, "--out", whole, "--epochs", 2)
+    assert code == 0, err
+    # rank 2: (in + out) * 2 per adapted kernel; C = 32: q, k, v, out (C -> C), ff (C -> 4C, 4C -> C)
+    C, r = TINY.emb_dim, 2
+    per_layer = 4 * (C + C) * r + 2 * (C + 4 * C) * r
+    results = json.loads((whole / "results.json").read_text())
+    assert results["trainable_params"] == TINY.n_layers * per_layer + (C + 2) * r
+
+    code, _, err = _run(capsys, *common, *start, "--out", part, "--epochs", 1)
+    assert code == 0, err
+    code, _, err = _run(capsys, *common, "--out", part, "--epochs", 2, "--resume")
+    assert code == 0, err
+    assert json.loads((part / "metrics.json").read_text()) == json.loads((whole / "metrics.json").read_text())
+    steps = [CheckpointManager(d, read_only=True).restore(state_like=None) for d in (whole, part)]
+    assert jax.tree.all(jax.tree.map(np.array_equal, steps[0][1], steps[1][1]))  # frozen weights kept
+    _, start_params = jaxgpt.load(tiny_model)
+    frozen = steps[0][1]
+    np.testing.assert_array_equal(
+        frozen["trf_blocks"]["att"]["W_query"]["kernel"],
+        start_params["trf_blocks"]["att"]["W_query"]["kernel"],
+    )
+
+    code, out, err = _run(capsys, "--out", whole, "--classify", "Free entry to win a prize")
+    assert code == 0 and out.strip() in ("ham", "spam"), err
