@@ -158,6 +158,10 @@ def test_end_to_end_writes_a_run_resumes_exactly_and_classifies(capsys, tmp_path
     code, out, err = _run(capsys, *common, "--out", part, "--epochs", 2, "--resume")
     assert code == 0 and "resuming" in err, err
     assert json.loads((part / "metrics.json").read_text()) == metrics
+    other = tmp_path / "three.tsv"  # a class the saved head does not have
+    other.write_text(sms_head.read_text(encoding="utf-8") + "eggs\tnot in the head\n", encoding="utf-8")
+    code, _, err = _run(capsys, "--data", other, "--out", part, "--epochs", 3, "--resume")
+    assert code == 2 and "line 121: unknown label 'eggs'; expected one of ['ham', 'spam']" in err, err
     _, a, _, _ = CheckpointManager(whole, read_only=True).restore()
     _, b, _, _ = CheckpointManager(part, read_only=True).restore()
     assert jax.tree.all(jax.tree.map(np.array_equal, a, b))
