@@ -8,6 +8,18 @@ function of its inputs and an explicit ``jax.random`` key.
 """
 
 from jaxgpt.checkpoint import load_checkpoint
+from jaxgpt.classify import (
+    ClassificationLoader,
+    add_classification_head,
+    calc_accuracy_loader,
+    classifier_logits,
+    classify_review,
+    create_classifier_state,
+    make_dataset,
+    partition_params,
+    read_labeled_texts,
+    train_classifier_simple,
+)
 from jaxgpt.config import PRESETS, GPTConfig, backend_defaults, get_config
 from jaxgpt.data import DataLoader, create_dataloader, default_corpus, sliding_windows, train_val_split
 from jaxgpt.evaluate import perplexity, score_lambada, score_multiple_choice
@@ -19,6 +31,7 @@ from jaxgpt.generation import (
     top_k_mask,
     top_p_mask,
 )
+from jaxgpt.lora import init_lora, lora_param_count, merge_lora
 from jaxgpt.loss import calc_loss_batch, calc_loss_loader, cross_entropy
 from jaxgpt.model import GPTModel, count_params, init_cache, init_params
 from jaxgpt.pretrained import from_pretrained
@@ -47,17 +60,23 @@ from jaxgpt.weights import (
 
 __all__ = [
     "PRESETS",
+    "ClassificationLoader",
     "DataLoader",
     "GPTConfig",
     "GPTModel",
     "TrainConfig",
     "TrainState",
+    "add_classification_head",
     "apply_temperature",
     "backend_defaults",
     "book_state_dict",
+    "calc_accuracy_loader",
     "calc_loss_batch",
     "calc_loss_loader",
+    "classifier_logits",
+    "classify_review",
     "count_params",
+    "create_classifier_state",
     "create_dataloader",
     "create_train_state",
     "cross_entropy",
@@ -70,18 +89,24 @@ __all__ = [
     "get_config",
     "get_tokenizer",
     "init_cache",
+    "init_lora",
     "init_params",
     "load",
     "load_book_state_dict",
     "load_checkpoint",
     "load_hf_gpt2",
+    "lora_param_count",
+    "make_dataset",
     "make_mesh",
     "make_optimizer",
+    "merge_lora",
     "open_shards",
     "params_from_hf",
     "params_to_hf",
-    "prepare_shards",
+    "partition_params",
     "perplexity",
+    "prepare_shards",
+    "read_labeled_texts",
     "sample_next_token",
     "save_book_state_dict",
     "save_hf_gpt2",
@@ -94,6 +119,7 @@ __all__ = [
     "token_ids_to_text",
     "top_k_mask",
     "top_p_mask",
+    "train_classifier_simple",
     "train_step",
     "train_val_split",
 ]
