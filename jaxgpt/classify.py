@@ -615,6 +615,13 @@ def classifier_train_step(
         )
         return classification_loss(logits, labels)
 
+    return apply_loss_gradients(state, tx, loss_fn)
+
+
+def apply_loss_gradients(
+    state: ClassifierState, tx: optax.GradientTransformation, loss_fn: Callable[[Params], Array]
+) -> tuple[ClassifierState, dict[str, Array]]:
+    """One optimizer step of ``state.trainable`` down the gradient of ``loss_fn`` (its only input)."""
     loss, grads = jax.value_and_grad(loss_fn)(state.trainable)
     updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
     trainable = optax.apply_updates(state.trainable, updates)

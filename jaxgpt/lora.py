@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import optax
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from jaxgpt.classify import ClassifierState, classification_loss, classifier_logits
+from jaxgpt.classify import ClassifierState, apply_loss_gradients, classification_loss, classifier_logits
 from jaxgpt.config import GPTConfig
 from jaxgpt.model import Params
 
@@ -116,10 +116,7 @@ def lora_train_step(
         logits = classifier_logits(params, cfg, inputs, deterministic=cfg.drop_rate == 0, dropout_key=key)
         return classification_loss(logits, labels)
 
-    loss, grads = jax.value_and_grad(loss_fn)(state.trainable)
-    updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
-    trainable = optax.apply_updates(state.trainable, updates)
-    return state.replace(trainable=trainable, opt_state=opt_state, step=state.step + 1), {"loss": loss}
+    return apply_loss_gradients(state, tx, loss_fn)
 
 
 @functools.lru_cache(maxsize=8)

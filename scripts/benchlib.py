@@ -1,8 +1,10 @@
-"""What the benchmark scripts share: one-line usage errors, timing helpers, common flags, and the
-summary of a ``jax.profiler`` trace.
+"""What the command-line tools share: one-line usage errors, parsers built from a script's
+docstring, number flags, Ctrl-C as exit 130; and for the benchmarks, timing helpers, common flags
+and the summary of a ``jax.profiler`` trace.
 
-``scripts/bench.py`` and ``scripts/bench_generate.py`` both import this module; neither imports
-the other. JAX is imported lazily, so a bad flag is reported before anything heavy starts.
+``scripts/bench.py`` and ``scripts/bench_generate.py`` both import this module (neither imports
+the other), and so do generate, convert, evaluate and finetune_classifier for their parsers. JAX
+is imported lazily, so a bad flag is reported before anything heavy starts.
 
 The trace summary. ``jax.profiler.trace`` writes an XSpace file (``*.xplane.pb``) that
 TensorBoard's profile plugin (``xprof``) turns into op tables. That plugin is not a dependency
@@ -15,6 +17,7 @@ into matmul / attention / other by kernel name, and on a CPU the time during whi
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import resource
 import statistics
@@ -44,6 +47,45 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+class HintParser(argparse.ArgumentParser):
+    """argparse, but a bad option is one line ending in a pointer to --help, and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see --help)\n")
+
+
+def number(kind: type, low: float, high: float | None = None, low_open: bool = False):
+    """An argparse type: a finite ``kind`` (int or float) >= ``low`` (> with ``low_open``), <= ``high``."""
+    noun = "an integer" if kind is int else "a finite number"
+    if high is None:
+        expected = f"{noun} {'>' if low_open else '>='} {low}"
+    else:
+        expected = f"{noun} in {'(' if low_open else '['}{low}, {high}]"
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        too_low = value <= low if low_open else value < low
+        if not math.isfinite(value) or too_low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+
+    return parse
+
+
+def doc_parser(prog: str, doc: str, cls: type = argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """A ``cls`` parser for a script: the description is its docstring's first paragraph, and the
+    epilog the paragraphs after the usage examples (what it reads, exit codes)."""
+    return cls(
+        prog=prog,
+        description=doc.split("\n\n")[0],
+        epilog=doc.split("\n\n", 2)[2],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
 
 
 def positive_int(text: str) -> int:

@@ -28,7 +28,8 @@ import argparse
 import sys
 import tempfile
 from pathlib import Path
-from typing import NoReturn
+
+from benchlib import HintParser, doc_parser, number  # scripts/ is on sys.path when a script runs
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run from a checkout without installing
@@ -40,30 +41,8 @@ TORCH_EXTRA = 'pip install "jaxgpt[reference]"'
 _TARGETS = {"hf": "Hugging Face directory", "book": "book .pth file"}
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a bad option is one line (no usage block) and exit code 2."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: {message} (see --help)\n")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
-        prog=PROG,
-        description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n", 2)[2],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = doc_parser(PROG, __doc__, HintParser)
     p.add_argument(
         "src",
         help="training run/step directory, Hugging Face directory, book .pth file, the book's OpenAI "
@@ -74,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--to", choices=sorted(_TARGETS), help="output format (default: from the destination's suffix)"
     )
     p.add_argument(
-        "--n-heads", type=_positive_int, help="attention heads of a book .pth whose width matches no preset"
+        "--n-heads", type=number(int, 1), help="attention heads of a book .pth whose width matches no preset"
     )
     p.add_argument("--force", action="store_true", help="overwrite an existing destination")
     return p

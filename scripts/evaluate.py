@@ -29,6 +29,8 @@ import json
 import sys
 from pathlib import Path
 
+from benchlib import doc_parser, run_cli  # scripts/ is on sys.path when a script runs
+
 ROOT = Path(__file__).resolve().parent.parent
 for path in (ROOT, ROOT / "scripts"):  # run from a checkout without installing
     if str(path) not in sys.path:
@@ -38,12 +40,7 @@ PROG = "evaluate.py"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog=PROG,
-        description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n", 2)[2],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = doc_parser(PROG, __doc__)
     p.add_argument("model", help="GPT-2 name, OpenAI (gpt_download.py) or Hugging Face directory, run, .pth")
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--text", type=Path, metavar="FILE", help="perplexity of this UTF-8 text")
@@ -162,8 +159,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        sys.exit(130)
+    run_cli(PROG, main)

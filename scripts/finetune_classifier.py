@@ -37,6 +37,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from benchlib import doc_parser, run_cli  # scripts/ is on sys.path when a script runs
+
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(ROOT))
@@ -50,12 +52,7 @@ class InputError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog=PROG,
-        description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n", 2)[2],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = doc_parser(PROG, __doc__)
     p.add_argument("--data", type=Path, help="label<TAB>text file or text,label .csv (required to train)")
     p.add_argument(
         "--out", type=Path, required=True, help="run directory to write (or read, with --classify)"
@@ -437,8 +434,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        sys.exit(130)
+    run_cli(PROG, main)

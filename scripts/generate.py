@@ -25,13 +25,13 @@ JAXGPT_NO_COMPILE_CACHE=1 turns it off.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import signal
 import sys
 import threading
 from pathlib import Path
-from typing import NoReturn
+
+from benchlib import HintParser, doc_parser, number  # scripts/ is on sys.path when a script runs
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run from a checkout without installing
@@ -41,41 +41,8 @@ PROG = "generate.py"
 DEFAULT_TOP_K = 40  # applied when sampling and no --top-k is given
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a bad option is one line (no usage block) and exit code 2."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: {message} (see --help)\n")
-
-
-def _number(kind: type, low: float, high: float | None = None, low_open: bool = False):
-    """An argparse type: a finite ``kind`` (int or float) >= ``low`` (> with ``low_open``), <= ``high``."""
-    noun = "an integer" if kind is int else "a finite number"
-    if high is None:
-        expected = f"{noun} {'>' if low_open else '>='} {low}"
-    else:
-        expected = f"{noun} in {'(' if low_open else '['}{low}, {high}]"
-
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
-        too_low = value <= low if low_open else value < low
-        if not math.isfinite(value) or too_low or (high is not None and value > high):
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
-        return value
-
-    return parse
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
-        prog=PROG,
-        description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n", 2)[2],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = doc_parser(PROG, __doc__, HintParser)
     p.add_argument(
         "model",
         help="training run or step directory, Hugging Face directory, book .pth file, the book's OpenAI "
@@ -83,34 +50,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--prompt", default="Every effort moves you", help="start context (default: %(default)r)")
     p.add_argument(
-        "--max-new-tokens", type=_number(int, 0), default=50, help="tokens to generate (default: %(default)s)"
+        "--max-new-tokens", type=number(int, 0), default=50, help="tokens to generate (default: %(default)s)"
     )
     p.add_argument(
         "--temperature",
-        type=_number(float, 0.0),
+        type=number(float, 0.0),
         default=1.0,
         help="0 = greedy; > 0 samples from softmax(logits / temperature) (default: %(default)s)",
     )
     p.add_argument(
         "--top-k",
-        type=_number(int, 1),
+        type=number(int, 1),
         help=f"sample only among the k most likely tokens (default when sampling: {DEFAULT_TOP_K})",
     )
     p.add_argument(
         "--top-p",
-        type=_number(float, 0.0, 1.0, low_open=True),
+        type=number(float, 0.0, 1.0, low_open=True),
         help="sample only from the nucleus of this probability mass, in (0, 1]",
     )
     p.add_argument(
         "--seed",
-        type=_number(int, 0, 2**32 - 1),
+        type=number(int, 0, 2**32 - 1),
         default=123,
         help="seed of the sampling key (default: %(default)s)",
     )
     p.add_argument("--stream", action="store_true", help="print tokens as they are produced")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at <|endoftext|>")
     p.add_argument(
-        "--n-heads", type=_number(int, 1), help="attention heads of a book .pth whose width matches no preset"
+        "--n-heads", type=number(int, 1), help="attention heads of a book .pth whose width matches no preset"
     )
     return p
 

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from cli_helpers import help_text, run_main
 from openai_fixture import OPENAI_TINY, fake_hub_cache, write_hf_twin
 from scripts_loader import load_script
 
@@ -45,16 +46,11 @@ def files(tmp_path):
 
 
 def _run(capsys, *argv):
-    code = evaluate_cli.main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return code, out.out, out.err
+    return run_main(capsys, evaluate_cli.main, *argv)
 
 
 def test_help_lists_exit_codes(capsys):
-    with pytest.raises(SystemExit) as e:
-        evaluate_cli.main(["--help"])
-    assert e.value.code == 0
-    out = capsys.readouterr().out
+    out = help_text(capsys, evaluate_cli.main)
     assert "Exit codes: 0 done; 2 bad input" in out and "1 a failure while scoring" in out and "130" in out
 
 

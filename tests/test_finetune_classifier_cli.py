@@ -12,6 +12,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from cli_helpers import help_text, run_main
 from scripts_loader import load_script
 
 import jaxgpt
@@ -46,16 +47,11 @@ def sms_head(tmp_path_factory):
 
 
 def _run(capsys, *argv):
-    code = cli.main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return code, out.out, out.err
+    return run_main(capsys, cli.main, *argv)
 
 
 def test_help_lists_exit_codes(capsys):
-    with pytest.raises(SystemExit) as e:
-        cli.main(["--help"])
-    assert e.value.code == 0
-    out = capsys.readouterr().out
+    out = help_text(capsys, cli.main)
     assert "Exit codes: 0 done; 2 bad input" in out and "1 a failure during training" in out and "130" in out
 
 

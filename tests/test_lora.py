@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from book_reference import BOOK_CFG, book_classifier_step
 from flax.traverse_util import flatten_dict
 
 from jaxgpt.classify import (
@@ -19,15 +20,7 @@ from jaxgpt.config import GPTConfig, get_config
 from jaxgpt.lora import create_lora_state, init_lora, jit_lora_train_step, lora_param_count, merge_lora
 from jaxgpt.model import init_params
 
-BOOK_CFG = {
-    "vocab_size": 97,
-    "context_length": 16,
-    "emb_dim": 32,
-    "n_heads": 4,
-    "n_layers": 2,
-    "drop_rate": 0.0,
-    "qkv_bias": True,
-}
+BOOK_CFG = {**BOOK_CFG, "qkv_bias": True}
 RANK, ALPHA = 4, 8.0
 # the book's nn.Linear names -> ours
 LINEARS = {
@@ -121,14 +114,10 @@ def test_lora_training_matches_the_books_step_after_step():
     batches = [(rng.integers(0, 97, (4, 12)), rng.integers(0, 2, (4,))) for _ in range(6)]
     eval_batches = [(torch.from_numpy(x), torch.from_numpy(y)) for x, y in batches[:3]]
     for i, (x, y) in enumerate(batches):
-        model.train()
-        optimizer.zero_grad()
-        loss = ch06.calc_loss_batch(torch.from_numpy(x), torch.from_numpy(y), model, "cpu")
-        loss.backward()
-        optimizer.step()
+        loss = book_classifier_step(ch06, model, optimizer, x, y)
         state, metrics = step_fn(state, (jnp.asarray(x, jnp.int32), jnp.asarray(y, jnp.int32)))
         ours = float(metrics["loss"])
-        assert abs(ours - loss.item()) < 1e-4, f"step {i}: loss {ours} vs the book's {loss.item()}"
+        assert abs(ours - loss) < 1e-4, f"step {i}: loss {ours} vs the book's {loss}"
         book_acc = ch06.calc_accuracy_loader(eval_batches, model, "cpu")
         merged = state.params  # the adapters merged in
         acc = calc_accuracy_loader(merged, cfg, [(np.asarray(a), np.asarray(b)) for a, b in batches[:3]])

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from book_reference import BOOK_CFG
 
 from jaxgpt.config import GPTConfig, get_config
 from jaxgpt.model import (
@@ -18,9 +19,7 @@ from jaxgpt.model import (
 )
 from jaxgpt.ops import decode_params
 
-TINY = GPTConfig(
-    vocab_size=97, context_length=16, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.0, qkv_bias=True
-)
+TINY = GPTConfig(**BOOK_CFG, qkv_bias=True)
 
 
 def _logits(cfg, params, idx, **kw):

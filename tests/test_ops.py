@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from book_reference import BOOK_CFG
 
 from jaxgpt.config import GPTConfig
 from jaxgpt.loss import cross_entropy, dropout_rng, linear_cross_entropy, train_loss
@@ -32,9 +33,7 @@ from jaxgpt.ops import (
     transposed,
 )
 
-TINY = GPTConfig(
-    vocab_size=97, context_length=16, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.0, qkv_bias=True
-)
+TINY = GPTConfig(**BOOK_CFG, qkv_bias=True)
 
 
 def _bf16_round(a):

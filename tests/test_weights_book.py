@@ -8,21 +8,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from book_reference import BOOK_CFG
 from flax.traverse_util import flatten_dict
 
 from jaxgpt import generate  # the function, whichever module holds it
 from jaxgpt.config import PRESETS, GPTConfig
 from jaxgpt.model import GPTModel, init_params
 from jaxgpt.weights import book_state_dict, load_book_state_dict, save_book_state_dict, save_hf_gpt2
-
-BOOK_CFG = {
-    "vocab_size": 97,
-    "context_length": 16,
-    "emb_dim": 32,
-    "n_heads": 4,
-    "n_layers": 2,
-    "drop_rate": 0.0,
-}
 
 
 def _cfg(qkv_bias: bool) -> GPTConfig:
