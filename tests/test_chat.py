@@ -1,0 +1,378 @@
+"""Streaming chat: tokens as generate makes them, the conversation prompt, the HTTP API, the terminal
+loop and the page in a headless browser, all on a tiny random model with GPT-2's vocabulary."""
+
+from __future__ import annotations
+
+import http.client
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from scripts_loader import load_script
+
+from jaxgpt import chat as chat_lib
+from jaxgpt.chat import ChatModel, check_messages, conversation_text, stream_tokens, text_pieces
+from jaxgpt.chat_server import MAX_BODY, make_server
+from jaxgpt.config import GPTConfig
+from jaxgpt.generation import generate
+from jaxgpt.model import init_params
+from jaxgpt.tokenizer import get_tokenizer
+from jaxgpt.weights import save_hf_gpt2
+
+ROOT = Path(__file__).resolve().parent.parent
+# GPT-2's vocabulary so that any text tokenizes into it; a context that holds an Alpaca prompt.
+CFG = GPTConfig(vocab_size=50257, context_length=96, emb_dim=16, n_heads=2, n_layers=2, drop_rate=0.0)
+N_NEW = 6
+ALPACA_HELLO = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes "
+    "the request.\n\n### Instruction:\nSay hello\n\n### Response:\n"
+)  # the book's format_input + "\n\n### Response:\n", written out by hand
+
+chat_cli = load_script("chat")
+
+
+@pytest.fixture(scope="module")
+def params():
+    return init_params(CFG, jax.random.key(0))
+
+
+@pytest.fixture(scope="module")
+def model(params):
+    return ChatModel(params, CFG, max_new_tokens=N_NEW)
+
+
+def _generated(params, ids, n, **kwargs):
+    """generate's new tokens for one prompt, cut before the first end-of-text when eos_id is given."""
+    out = np.asarray(generate(params, CFG, np.asarray([ids], np.int32), n, **kwargs))[0, len(ids) :].tolist()
+    eos = kwargs.get("eos_id")
+    return out[: out.index(eos)] if eos in out else out
+
+
+# --- streaming = generate -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "sampling",
+    [{}, {"temperature": 1.3, "top_k": 50, "key": jax.random.key(7)}, {"temperature": 0.8, "top_p": 0.9, "key": jax.random.key(1)}],
+    ids=["greedy", "top-k", "top-p"],
+)
+def test_streamed_tokens_are_generates_tokens(params, sampling):
+    ids = [464, 3290, 318, 257]
+    streamed = list(stream_tokens(params, CFG, ids, N_NEW, eos_id=None, **sampling))
+    assert streamed == _generated(params, ids, N_NEW, **sampling)
+    assert len(streamed) == N_NEW
+
+
+def test_stream_stops_before_end_of_text(params):
+    ids = [464, 3290, 318, 257]
+    free = _generated(params, ids, N_NEW)  # without a stop token
+    eos = free[2]  # pretend the third token ends the text
+    assert list(stream_tokens(params, CFG, ids, N_NEW, eos_id=eos)) == free[: free.index(eos)]
+
+
+def test_stream_stops_when_the_context_is_full(params):
+    ids = list(range(1000, 1000 + CFG.context_length - 2))  # room for two tokens
+    streamed = list(stream_tokens(params, CFG, ids, N_NEW, eos_id=None))
+    assert streamed == _generated(params, ids, 2)
+
+
+def test_a_stream_closed_early_frees_the_model_for_the_next(params):
+    ids = [464, 3290, 318, 257]
+    stream = stream_tokens(params, CFG, ids, N_NEW, eos_id=None)
+    first = next(stream)
+    stream.close()  # the decode is cancelled from its callback
+    assert list(stream_tokens(params, CFG, ids, N_NEW, eos_id=None)) == _generated(params, ids, N_NEW)
+    assert first == _generated(params, ids, 1)[0]
+
+
+def test_bad_stream_arguments_fail_before_any_work(params):
+    with pytest.raises(ValueError, match="key is required"):
+        stream_tokens(params, CFG, [1, 2], 3, temperature=1.0)
+    with pytest.raises(ValueError, match="token ids outside"):
+        stream_tokens(params, CFG, [CFG.vocab_size], 3)
+    with pytest.raises(ValueError, match="top_k"):
+        stream_tokens(params, CFG, [1, 2], 3, top_k=0, temperature=1.0, key=jax.random.key(0))
+
+
+def test_text_pieces_hold_back_a_character_split_across_tokens():
+    tokenizer = get_tokenizer()
+    ids = tokenizer.encode("🙂 é and more")
+    first = tokenizer.decode_single_token_bytes(ids[0])
+    with pytest.raises(UnicodeDecodeError):
+        first.decode("utf-8")  # the premise: the emoji's first token is not text on its own
+    pieces = list(text_pieces(iter(ids), tokenizer))
+    assert "".join(pieces) == "🙂 é and more"
+    assert pieces[0] == "🙂" and all("\ufffd" not in p and p for p in pieces)
+    assert list(text_pieces(iter(ids[:1]), tokenizer)) == ["\ufffd"]  # a dangling half at the end
+
+
+# --- the conversation prompt -----------------------------------------------------------------------
+
+
+def test_one_message_is_the_books_alpaca_prompt():
+    assert conversation_text([{"role": "user", "content": "Say hello"}]) == ALPACA_HELLO
+
+
+def test_earlier_exchanges_come_first_separated_by_a_blank_line():
+    messages = [
+        {"role": "user", "content": "Say hello"},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "Say hello"},
+    ]
+    assert conversation_text(messages) == ALPACA_HELLO + "Hello." + "\n\n" + ALPACA_HELLO
+    phi3 = conversation_text(messages, "phi3")
+    assert phi3 == "<|user|>\nSay hello\n<|assistant|>:\nHello.\n\n<|user|>\nSay hello\n<|assistant|>:\n"
+
+
+@pytest.mark.parametrize(
+    "messages, fault",
+    [
+        ([], "non-empty list"),
+        ([{"role": "assistant", "content": "hi"}], r"messages\[0\].role must be 'user'"),
+        ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], r"messages\[1\].role"),
+        ([{"role": "user", "content": 3}], r"messages\[0\].content must be a string"),
+        ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "last message"),
+        ([{"role": "user", "content": "  "}], "is empty"),
+        ([{"role": "user", "content": "a", "name": "x"}], "unknown fields: name"),
+    ],
+)
+def test_bad_conversations_are_named(messages, fault):
+    with pytest.raises(ValueError, match=fault):
+        check_messages(messages)
+
+
+def test_the_oldest_exchanges_are_dropped_to_fit_the_context(model):
+    tokenizer = get_tokenizer()
+    old = {"role": "user", "content": "word " * 40}
+    messages = [old, {"role": "assistant", "content": "ok"}, {"role": "user", "content": "Say hello"}]
+    budget = CFG.context_length - N_NEW
+    assert len(tokenizer.encode(conversation_text(messages))) > budget  # the premise
+    reply = model.reply(messages)
+    assert (reply.dropped_messages, reply.cut, reply.truncated) == (2, False, True)
+    assert reply.prompt_tokens == len(tokenizer.encode(ALPACA_HELLO))
+    long = model.reply([{"role": "user", "content": "word " * 200}])
+    assert long.cut and long.prompt_tokens == budget
+    list(reply), list(long)  # noqa: B018 (run them to the end)
+
+
+# --- the HTTP API ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def server(model):
+    srv = make_server(model, "tiny", port=0, log=None)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+def _request(server, method, path, body=None, raw=None):
+    host, port = server.server_address[:2]
+    conn = http.client.HTTPConnection(host, port, timeout=60)
+    data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+    conn.request(method, path, body=data, headers={"Content-Type": "application/json"})
+    return conn, conn.getresponse()
+
+
+def _expected_reply(params, text):
+    ids = get_tokenizer().encode(text)
+    return get_tokenizer().decode(_generated(params, ids, N_NEW, eos_id=50256))
+
+
+def test_chat_api_streams_the_reply_as_json_lines(server, params):
+    conn, resp = _request(server, "POST", "/api/chat", {"prompt": "Say hello"})
+    assert resp.status == 200 and resp.getheader("Content-Type") == "application/x-ndjson"
+    events = [json.loads(line) for line in resp]  # one JSON object per line until the stream closes
+    conn.close()
+    pieces = [e["text"] for e in events[:-1]]
+    done = events[-1]
+    assert len(pieces) >= 1 and all(isinstance(p, str) for p in pieces)
+    assert "".join(pieces) == _expected_reply(params, ALPACA_HELLO)
+    assert done["done"] and done["reply"] == "".join(pieces).strip()
+    assert done["tokens"] == N_NEW and done["stop"] == "max_new_tokens"
+    assert done["prompt_tokens"] == len(get_tokenizer().encode(ALPACA_HELLO))
+
+
+def test_chat_api_takes_a_conversation(server, params):
+    messages = [
+        {"role": "user", "content": "Say hello"},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "Say hello"},
+    ]
+    conn, resp = _request(server, "POST", "/api/chat", {"messages": messages, "max_new_tokens": 3})
+    events = [json.loads(line) for line in resp]
+    conn.close()
+    ids = get_tokenizer().encode(conversation_text(messages))
+    assert "".join(e.get("text", "") for e in events) == get_tokenizer().decode(_generated(params, ids, 3))
+    assert events[-1]["tokens"] == 3
+
+
+@pytest.mark.parametrize(
+    "raw, fault",
+    [
+        (b"{not json", "not valid JSON"),
+        (b"[1, 2]", "JSON object"),
+        (b"{}", "exactly one of messages"),
+        (b'{"prompt": "a", "messages": []}', "exactly one of messages"),
+        (b'{"prompt": ""}', "prompt must be a non-empty string"),
+        (b'{"messages": [{"role": "bot", "content": "x"}]}', r"messages\[0\].role"),
+        (b'{"prompt": "a", "temperature": -1}', "temperature must be"),
+        (b'{"prompt": "a", "max_new_tokens": 100000}', "max_new_tokens must be"),
+        (b'{"prompt": "a", "colour": "red"}', "unknown fields: colour"),
+        (b'{"prompt": "' + b"x" * (MAX_BODY + 1) + b'"}', f"at most {MAX_BODY}"),
+    ],
+)
+def test_bad_chat_requests_get_400_naming_the_fault(server, raw, fault):
+    conn, resp = _request(server, "POST", "/api/chat", raw=raw)
+    body = json.loads(resp.read())
+    conn.close()
+    assert resp.status == 400
+    assert fault.replace("\\", "") in body["error"] or __import__("re").search(fault, body["error"])
+
+
+def test_health_and_page(server):
+    conn, resp = _request(server, "GET", "/api/health")
+    health = json.loads(resp.read())
+    conn.close()
+    assert health == {
+        "status": "ok", "model": "tiny", "prompt_style": "alpaca",
+        "context_length": CFG.context_length, "max_new_tokens": N_NEW,
+    }  # fmt: skip
+    conn, resp = _request(server, "GET", "/")
+    page = resp.read().decode()
+    conn.close()
+    assert resp.status == 200 and "/api/chat" in page and "<script" in page
+    assert "http://" not in page and "https://" not in page  # self-contained: nothing to fetch
+    conn, resp = _request(server, "GET", "/nowhere")
+    assert resp.status == 404 and "error" in json.loads(resp.read())
+    conn.close()
+
+
+# --- scripts/chat.py -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory, params):
+    path = tmp_path_factory.mktemp("models") / "hf"
+    save_hf_gpt2(CFG, params, path)
+    return path
+
+
+def test_terminal_conversation_streams_replies_and_resets(hf_dir, params, capsys):
+    stdin = io.StringIO("Say hello\n\n/reset\nSay hello\n/quit\nnever read\n")
+    stdout = io.StringIO()
+    code = chat_cli.main([str(hf_dir), "--max-new-tokens", str(N_NEW)], stdin=stdin, stdout=stdout)
+    assert code == 0
+    reply = _expected_reply(params, ALPACA_HELLO)
+    # /reset forgets the first exchange, so the second reply answers the same prompt.
+    expected = f"You: Model: {reply}\nYou: You: (a new conversation)\nYou: Model: {reply}\nYou: "
+    assert stdout.getvalue() == expected
+    assert "never read" not in stdout.getvalue()
+
+
+def test_terminal_conversation_ends_at_end_of_input(hf_dir, params):
+    stdout = io.StringIO()
+    stdin = io.StringIO("Say hello\nSay hello")  # the second exchange follows the first in its prompt
+    assert chat_cli.main([str(hf_dir), "--max-new-tokens", str(N_NEW)], stdin=stdin, stdout=stdout) == 0
+    first = _expected_reply(params, ALPACA_HELLO)
+    second_prompt = ALPACA_HELLO + first.strip() + "\n\n" + ALPACA_HELLO
+    second = _expected_reply(params, second_prompt)
+    assert stdout.getvalue() == f"You: Model: {first}\nYou: Model: {second}\nYou: \n"
+
+
+@pytest.mark.parametrize(
+    "argv, fault",
+    [
+        (["{missing}"], "no such"),
+        (["{hf}", "--temperature", "-1"], "--temperature"),
+        (["{hf}", "--port", "70000"], "--port"),
+        (["{hf}", "--prompt-style", "chatml"], "--prompt-style"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(hf_dir, tmp_path, capsys, argv, fault):
+    argv = [a.format(hf=hf_dir, missing=tmp_path / "missing") for a in argv]
+    try:
+        code = chat_cli.main(argv, stdin=io.StringIO(""), stdout=io.StringIO())
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert fault in err or "not" in err
+
+
+def test_a_port_in_use_exits_2(hf_dir, server, capsys):
+    port = server.server_address[1]
+    code = chat_cli.main([str(hf_dir), "--web", "--port", str(port)], stdin=io.StringIO(""), stdout=io.StringIO())
+    err = capsys.readouterr().err
+    assert code == 2 and f"--port {port}" in err and len(err.strip().splitlines()) == 1
+
+
+def test_ctrl_c_exits_130_with_one_line(hf_dir):
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "scripts" / "chat.py"), str(hf_dir)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "JAXGPT_NO_COMPILE_CACHE": "1"},
+    )  # fmt: skip
+    try:
+        assert proc.stdout.read(5) == "You: "  # waiting for a message
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130
+    assert err.strip().splitlines()[-1] == "chat.py: interrupted (Ctrl-C)"
+
+
+# --- the page in a real browser --------------------------------------------------------------------
+
+
+def _browser():
+    """Headless Chromium driven by Selenium, or a skip saying what is missing."""
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        pytest.skip("selenium is not installed (pip install -e '.[test]')")
+    binary = next((b for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
+    driver = shutil.which("chromedriver")
+    if binary is None or driver is None:
+        pytest.skip("no Chromium and chromedriver here (Debian: apt-get install chromium chromium-driver)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which(binary)
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
+        options.add_argument(arg)
+    return webdriver.Chrome(options=options, service=Service(executable_path=driver))
+
+
+def test_the_page_streams_a_reply_in_headless_chromium(server, params):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser = _browser()
+    try:
+        browser.get(server.url)
+        wait = WebDriverWait(browser, 60)
+        wait.until(lambda b: "tiny" in b.find_element(By.ID, "model").text)  # /api/health answered
+        browser.find_element(By.ID, "input").send_keys("Say hello")
+        browser.find_element(By.ID, "send").click()
+        wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, ".assistant"))
+        wait.until(lambda b: b.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "idle")
+        assert browser.find_element(By.CSS_SELECTOR, ".user").text == "Say hello"
+        shown = browser.execute_script("return document.querySelector('.assistant').textContent")
+        assert shown == _expected_reply(params, ALPACA_HELLO)
+        pieces = int(browser.find_element(By.CSS_SELECTOR, ".assistant").get_attribute("data-pieces"))
+        assert pieces > 1  # the reply arrived piece by piece
+        assert not browser.find_elements(By.CSS_SELECTOR, ".error")
+    finally:
+        browser.quit()
