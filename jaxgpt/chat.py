@@ -205,7 +205,9 @@ def check_messages(messages: Any) -> list[dict[str, str]]:
         role, content = message.get("role"), message.get("content")
         expected = ROLES[i % 2]
         if role != expected:
-            raise ValueError(f"messages[{i}].role must be {expected!r} (user and assistant alternate), got {role!r}")
+            raise ValueError(
+                f"messages[{i}].role must be {expected!r} (user and assistant alternate), got {role!r}"
+            )
         if not isinstance(content, str):
             raise ValueError(f"messages[{i}].content must be a string")
         checked.append({"role": role, "content": content})
@@ -298,12 +300,16 @@ class ChatModel:
         ctx = self.cfg.context_length
         return max(1, ctx - min(max_new_tokens, ctx // 2))
 
-    def encode(self, messages: Sequence[Mapping[str, str]], max_new_tokens: int) -> tuple[list[int], int, bool]:
+    def encode(
+        self, messages: Sequence[Mapping[str, str]], max_new_tokens: int
+    ) -> tuple[list[int], int, bool]:
         """Prompt token ids of a checked conversation that fit :meth:`prompt_budget`, the number of
         earlier messages dropped, and whether the last message was cut at its beginning."""
         budget = self.prompt_budget(max_new_tokens)
         for first in range(0, len(messages), 2):  # drop the oldest exchanges first
-            ids = self.tokenizer.encode(conversation_text(messages[first:], self.prompt_style), allowed_special="all")
+            ids = self.tokenizer.encode(
+                conversation_text(messages[first:], self.prompt_style), allowed_special="all"
+            )
             if len(ids) <= budget:
                 return ids, first, False
         return ids[-budget:], len(messages) - 1, True

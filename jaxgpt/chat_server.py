@@ -52,7 +52,9 @@ def parse_chat_request(body: Any, chat: ChatModel) -> tuple[list[dict[str, str]]
     allowed = {"messages", "prompt", "max_new_tokens", "temperature", "top_k", "top_p", "seed"}
     unknown = set(body) - allowed
     if unknown:
-        raise BadRequest(f"unknown fields: {', '.join(sorted(unknown))}; expected {', '.join(sorted(allowed))}")
+        raise BadRequest(
+            f"unknown fields: {', '.join(sorted(unknown))}; expected {', '.join(sorted(allowed))}"
+        )
     if ("messages" in body) == ("prompt" in body):
         raise BadRequest("give exactly one of messages (a conversation) or prompt (a single instruction)")
     if "prompt" in body:

@@ -47,15 +47,26 @@ def build_parser() -> argparse.ArgumentParser:
         "download (gpt2/124M) or a GPT-2 name (gpt2, gpt2-medium, ...)",
     )
     p.add_argument("--web", action="store_true", help="serve the chat page instead of the terminal loop")
-    p.add_argument("--host", default="127.0.0.1", help="address to serve on with --web (default: %(default)s)")
     p.add_argument(
-        "--port", type=number(int, 0, 65535), default=8000, help="port for --web, 0 = any free (default: %(default)s)"
+        "--host", default="127.0.0.1", help="address to serve on with --web (default: %(default)s)"
     )
     p.add_argument(
-        "--prompt-style", choices=["alpaca", "phi3"], default="alpaca", help="instruction format (default: %(default)s)"
+        "--port",
+        type=number(int, 0, 65535),
+        default=8000,
+        help="port for --web, 0 = any free (default: %(default)s)",
     )
     p.add_argument(
-        "--max-new-tokens", type=number(int, 1), default=256, help="most tokens per reply (default: %(default)s)"
+        "--prompt-style",
+        choices=["alpaca", "phi3"],
+        default="alpaca",
+        help="instruction format (default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-new-tokens",
+        type=number(int, 1),
+        default=256,
+        help="most tokens per reply (default: %(default)s)",
     )
     p.add_argument(
         "--temperature",
@@ -65,10 +76,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--top-k", type=number(int, 1), help="sample only among the k most likely tokens")
     p.add_argument(
-        "--top-p", type=number(float, 0.0, 1.0, low_open=True), help="sample only from the nucleus of this mass"
+        "--top-p",
+        type=number(float, 0.0, 1.0, low_open=True),
+        help="sample only from the nucleus of this mass",
     )
     p.add_argument(
-        "--seed", type=number(int, 0, 2**32 - 1), default=123, help="seed of the sampling key (default: %(default)s)"
+        "--seed",
+        type=number(int, 0, 2**32 - 1),
+        default=123,
+        help="seed of the sampling key (default: %(default)s)",
     )
     p.add_argument(
         "--n-heads", type=number(int, 1), help="attention heads of a book .pth whose width matches no preset"
