@@ -40,6 +40,7 @@ from jaxgpt.model import Params
 from jaxgpt.tokenizer import EOT_ID, get_tokenizer
 
 ROLES = ("user", "assistant")
+PROMPT_BUCKET = 64  # prompts are padded to a multiple of this many tokens: one compile per bucket
 
 # ----------------------------------------------------------------------------- streaming
 
@@ -98,13 +99,17 @@ def stream_tokens(
     top_p: float | None = None,
     eos_id: int | None = EOT_ID,
     key: jax.Array | None = None,
+    bucket: int | None = PROMPT_BUCKET,
 ) -> Iterator[int]:
-    """Yield the tokens that continue ``ids`` (one prompt, T token ids), one at a time as decoded.
+    """An iterator over the tokens that continue ``ids`` (one prompt, T token ids), each as decoded.
 
     The arguments are :func:`jaxgpt.generate`'s and the tokens are its tokens. The stream stops
     at ``eos_id`` (not yielded; None never stops early), after ``max_new_tokens``, or when prompt
     and reply fill ``context_length``: a longer prompt keeps its last ``context_length - 1``
-    tokens. Closing the generator early stops the decode at its next token.
+    tokens. Closing the iterator early stops the decode at its next token. ``bucket``: the prompt
+    is left-padded (``generate``'s ``pad_to``, invisible to the model) to a multiple of this many
+    tokens, so that a conversation, whose prompt grows every turn, compiles its decode once per
+    bucket rather than once per turn; None pads nothing. Arguments are checked at once.
     """
     arr = np.asarray(ids)
     if arr.ndim != 1 or arr.size == 0 or not np.issubdtype(arr.dtype, np.integer):
@@ -117,11 +122,16 @@ def stream_tokens(
     if eos_id is not None and (not isinstance(eos_id, int) or not 0 <= eos_id < cfg.vocab_size):
         raise ValueError(f"eos_id must be in [0, vocab_size={cfg.vocab_size}) or None, got {eos_id!r}")
     arr = arr[-(cfg.context_length - 1) :] if cfg.context_length > 1 else arr[-1:]
+    if bucket is not None and (isinstance(bucket, bool) or not isinstance(bucket, int) or bucket < 1):
+        raise ValueError(f"bucket must be an integer >= 1 or None, got {bucket!r}")
     n_new = new_token_limit(cfg, arr.size, max_new_tokens)
-    return _stream(params, cfg, arr, n_new, temperature, top_k, top_p, eos_id, key)
+    pad_to = None
+    if bucket is not None:  # the next multiple of bucket, short of where the reply would overflow
+        pad_to = max(arr.size, min(-(-arr.size // bucket) * bucket, cfg.context_length - n_new))
+    return _stream(params, cfg, arr, n_new, temperature, top_k, top_p, eos_id, key, pad_to)
 
 
-def _stream(params, cfg, arr, n_new, temperature, top_k, top_p, eos_id, key) -> Iterator[int]:
+def _stream(params, cfg, arr, n_new, temperature, top_k, top_p, eos_id, key, pad_to) -> Iterator[int]:
     """The generator behind :func:`stream_tokens`, whose arguments are checked."""
     global _sink
     if n_new == 0:
@@ -134,7 +144,7 @@ def _stream(params, cfg, arr, n_new, temperature, top_k, top_p, eos_id, key) -> 
                 generate(
                     params, cfg, arr[None].astype(np.int32), n_new,
                     temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id, key=key,
-                    callback=_emit,
+                    callback=_emit, pad_to=pad_to,
                 )  # fmt: skip
                 sink.tokens.put(_DONE)
             except BaseException as e:  # handed to the reader, who raises it unless it cancelled

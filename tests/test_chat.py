@@ -77,13 +77,14 @@ def _expected_reply(params, text):
 
 
 @pytest.mark.parametrize(
-    "sampling",
-    [{}, {"temperature": 1.3, "top_k": 50, "key": jax.random.key(7)}],
-    ids=["greedy", "sampled"],
+    "bucket, sampling",
+    [(64, {}), (None, {"temperature": 1.3, "top_k": 50, "key": jax.random.key(7)})],
+    ids=["greedy-padded", "sampled"],
 )
-def test_streamed_tokens_are_generates_tokens(params, sampling):
+def test_streamed_tokens_are_generates_tokens(params, bucket, sampling):
+    """Greedy, the prompt is padded to a bucket (32 -> 64 tokens): padding is hidden from the model."""
     ids = get_tokenizer().encode(ALPACA_HELLO)
-    streamed = list(stream_tokens(params, CFG, ids, N_NEW, **sampling))
+    streamed = list(stream_tokens(params, CFG, ids, N_NEW, bucket=bucket, **sampling))
     assert streamed == _generated(params, ids, N_NEW, **sampling)
     assert len(streamed) == N_NEW  # the premise of the next tests: no end-of-text in these replies
 
