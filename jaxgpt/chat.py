@@ -4,8 +4,9 @@
 produces it: the decode runs in a worker thread and hands every token over through ``generate``'s
 host callback, so streaming runs the very same compiled loop (one forward pass for everything)
 and yields exactly ``generate``'s tokens. The callback is one module-level function, so the decode
-compiles once per shape, not once per stream; streams therefore take turns (a lock). Closing a
-stream early stops the decode at its next token.
+compiles once per shape, not once per stream; streams therefore take turns (a lock). Prompts are
+left-padded to a multiple of 64 tokens, so a conversation whose prompt grows each turn reuses one
+compiled decode per bucket. Closing a stream early stops the decode at its next token.
 
 :func:`stream_text` turns those tokens into text pieces. GPT-2's byte-level BPE can split one
 UTF-8 character over several tokens; a piece holds only complete characters, the rest waits for
@@ -317,9 +318,8 @@ class ChatModel:
         earlier messages dropped, and whether the last message was cut at its beginning."""
         budget = self.prompt_budget(max_new_tokens)
         for first in range(0, len(messages), 2):  # drop the oldest exchanges first
-            ids = self.tokenizer.encode(
-                conversation_text(messages[first:], self.prompt_style), allowed_special="all"
-            )
+            text = conversation_text(messages[first:], self.prompt_style)
+            ids = self.tokenizer.encode(text, disallowed_special=())  # "<|endoftext|>" typed is text
             if len(ids) <= budget:
                 return ids, first, False
         return ids[-budget:], len(messages) - 1, True

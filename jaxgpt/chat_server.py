@@ -91,7 +91,6 @@ class ChatServer(ThreadingHTTPServer):
     def __init__(self, chat: ChatModel, model_name: str, host: str = "127.0.0.1", port: int = 0, log=None):
         self.chat, self.model_name, self.log = chat, model_name, log
         self.lock = threading.Lock()
-        self.turns = 0
         super().__init__((host, port), ChatHandler)
 
     @property
@@ -170,8 +169,7 @@ class ChatHandler(BaseHTTPRequestHandler):
             self._send_json(HTTPStatus.BAD_REQUEST, {"error": str(e)})
             return
         with self.server.lock:
-            self.server.turns += 1
-            self._stream_reply(messages, settings, self.server.turns)
+            self._stream_reply(messages, settings, turn=len(messages) // 2)  # as the terminal numbers them
 
     def _stream_reply(self, messages: list[dict[str, str]], settings: dict[str, Any], turn: int) -> None:
         reply = self.server.chat.reply(messages, turn=turn, **settings)
