@@ -52,8 +52,11 @@ class _Cancelled(Exception):
 
 @dataclass
 class _Sink:
-    tokens: queue.Queue = field(default_factory=queue.Queue)
+    """Where the decode of one stream puts its tokens; it runs at most a token ahead of its reader."""
+
+    tokens: queue.Queue = field(default_factory=lambda: queue.Queue(maxsize=1))
     cancelled: bool = False
+    produced: int = 0  # tokens handed over
 
 
 _DECODE_LOCK = threading.Lock()  # one stream decodes at a time: they share _emit and its sink
@@ -76,10 +79,15 @@ def _emit(t: Any, tokens: Any) -> None:
 
     Being the same function every time, it keeps ``generate``'s compiled loop cached.
     """
-    sink = _sink
-    if sink is None or sink.cancelled:
-        raise _Cancelled  # aborts the running decode
-    sink.tokens.put(int(np.asarray(tokens)[0]))
+    sink, token = _sink, int(np.asarray(tokens)[0])
+    while sink is not None and not sink.cancelled:
+        try:
+            sink.tokens.put(token, timeout=0.05)  # waits while the reader has not taken the last one
+        except queue.Full:
+            continue
+        sink.produced += 1
+        return
+    raise _Cancelled  # the reader went away: abort the running decode
 
 
 def new_token_limit(cfg: GPTConfig, n_prompt: int, max_new_tokens: int) -> int:
@@ -163,7 +171,11 @@ def _stream(params, cfg, arr, n_new, temperature, top_k, top_p, eos_id, key, pad
                 yield item
         finally:
             sink.cancelled = True  # the decode stops at its next token if it is still running
-            worker.join()
+            while worker.is_alive():  # take what it still hands over, so that it can end
+                try:
+                    sink.tokens.get(timeout=0.05)
+                except queue.Empty:
+                    pass
             _sink = None
 
 

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from scripts_loader import load_script
 
+from jaxgpt import chat as chat_lib
 from jaxgpt.chat import ChatModel, check_messages, conversation_text, stream_tokens, text_pieces
 from jaxgpt.chat_server import MAX_BODY, make_server
 from jaxgpt.config import GPTConfig
@@ -97,17 +98,27 @@ def test_stream_stops_before_end_of_text(params):
 
 
 def test_stream_stops_when_the_context_is_full(params):
-    ids = list(range(1000, 1000 + CFG.context_length - 2))  # room for two tokens
-    streamed = list(stream_tokens(params, CFG, ids, N_NEW))
-    assert streamed == _generated(params, ids, 2)
+    ids = list(range(1000, 1000 + CFG.context_length - N_NEW))  # room for N_NEW tokens
+    streamed = list(stream_tokens(params, CFG, ids, N_NEW + 4))
+    assert streamed == _generated(params, ids, N_NEW)
 
 
-def test_a_stream_closed_early_frees_the_model_for_the_next(params):
+def test_a_stream_closed_early_stops_its_decode_and_frees_the_model(params, monkeypatch):
+    sinks = []
+
+    class RecordingSink(chat_lib._Sink):
+        def __init__(self):
+            super().__init__()
+            sinks.append(self)
+
+    monkeypatch.setattr(chat_lib, "_Sink", RecordingSink)
     ids = get_tokenizer().encode(ALPACA_HELLO)
     stream = stream_tokens(params, CFG, ids, N_NEW)
     first = next(stream)
     stream.close()  # the decode is cancelled from its callback
     assert first == _generated(params, ids, N_NEW)[0]
+    # The token read and at most one waiting were handed over; the decode stopped at the next.
+    assert sinks[0].produced <= 2 < N_NEW
     assert list(stream_tokens(params, CFG, ids, N_NEW)) == _generated(params, ids, N_NEW)
 
 
