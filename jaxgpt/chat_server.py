@@ -88,7 +88,9 @@ class ChatServer(ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, chat: ChatModel, model_name: str, host: str = "127.0.0.1", port: int = 0, log=None):
+    def __init__(
+        self, chat: ChatModel | None, model_name: str, host: str = "127.0.0.1", port: int = 0, log=None
+    ):
         self.chat, self.model_name, self.log = chat, model_name, log
         self.lock = threading.Lock()
         super().__init__((host, port), ChatHandler)
@@ -211,6 +213,9 @@ class ChatHandler(BaseHTTPRequestHandler):
             pass
 
 
-def make_server(chat: ChatModel, model_name: str, host: str = "127.0.0.1", port: int = 0, log=sys.stderr):
-    """A :class:`ChatServer` bound to ``host:port`` (0 picks a free port; see ``.url``), not yet serving."""
+def make_server(
+    chat: ChatModel | None, model_name: str, host: str = "127.0.0.1", port: int = 0, log=sys.stderr
+) -> ChatServer:
+    """A :class:`ChatServer` bound to ``host:port`` (0 picks a free port; see ``.url``), not yet
+    serving; ``chat`` may be set later, before ``serve_forever`` (a CLI binds before it loads)."""
     return ChatServer(chat, model_name, host, port, log)

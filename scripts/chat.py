@@ -136,22 +136,34 @@ def _terminal(chat, stdin, stdout) -> int:
         history = messages + [{"role": "assistant", "content": reply.text.strip()}]
 
 
-def _serve(chat, args: argparse.Namespace) -> int:
-    from jaxgpt.chat_server import make_server
-
-    try:
-        server = make_server(chat, args.model, args.host, args.port)
-    except OSError as e:  # address in use, unknown host, no permission
-        return _fail(f"cannot serve on --host {args.host} --port {args.port}: {e.strerror or e}", 2)
+def _serve(server, chat, args: argparse.Namespace) -> int:
+    server.chat = chat
     print(f"Serving {args.model} at {server.url} (Ctrl-C stops)", flush=True)
-    try:
-        server.serve_forever()
-    finally:
-        server.server_close()
+    server.serve_forever()
     return 0
 
 
 def _run(args: argparse.Namespace, stdin, stdout) -> int:
+    from jaxgpt.chat_server import make_server
+
+    server = None
+    if args.web:  # bind first: a port in use is bad input, found before the model loads
+        try:
+            server = make_server(None, args.model, args.host, args.port)
+        except OSError as e:  # address in use, unknown host, no permission
+            return _fail(f"cannot serve on --host {args.host} --port {args.port}: {e.strerror or e}", 2)
+    try:
+        chat = _load_chat(args)
+        if isinstance(chat, int):  # the exit code of bad input
+            return chat
+        return _serve(server, chat, args) if server is not None else _terminal(chat, stdin, stdout)
+    finally:
+        if server is not None:
+            server.server_close()
+
+
+def _load_chat(args: argparse.Namespace):
+    """The model of ``args`` as a ChatModel, or exit code 2 after one line saying what is wrong."""
     import jaxgpt
     from jaxgpt.chat import ChatModel
     from jaxgpt.tokenizer import EOT_ID
@@ -168,7 +180,7 @@ def _run(args: argparse.Namespace, stdin, stdout) -> int:
         )
     if args.top_k is not None and args.top_k > cfg.vocab_size:
         return _fail(f"--top-k {args.top_k} exceeds the model's vocabulary of {cfg.vocab_size} tokens", 2)
-    chat = ChatModel(
+    return ChatModel(
         params,
         cfg,
         prompt_style=args.prompt_style,
@@ -178,7 +190,6 @@ def _run(args: argparse.Namespace, stdin, stdout) -> int:
         top_p=args.top_p,
         seed=args.seed,
     )
-    return _serve(chat, args) if args.web else _terminal(chat, stdin, stdout)
 
 
 def main(argv: list[str] | None = None, stdin=None, stdout=None) -> int:

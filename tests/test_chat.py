@@ -344,14 +344,20 @@ def test_a_port_in_use_exits_2(hf_dir, server, capsys):
     assert code == 2 and f"--port {port}" in err and len(err.strip().splitlines()) == 1
 
 
-def test_ctrl_c_exits_130_with_one_line(hf_dir):
+def test_web_serves_on_the_printed_url_until_ctrl_c(hf_dir):
     proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "scripts" / "chat.py"), str(hf_dir)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [sys.executable, str(ROOT / "scripts" / "chat.py"), str(hf_dir), "--web", "--port", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "JAXGPT_NO_COMPILE_CACHE": "1"},
     )  # fmt: skip
     try:
-        assert proc.stdout.read(5) == "You: "  # waiting for a message
+        line = proc.stdout.readline()
+        url = re.search(r"at (http://127\.0\.0\.1:(\d+)/) ", line)
+        assert url and url.group(2) != "0", line
+        conn = http.client.HTTPConnection("127.0.0.1", int(url.group(2)), timeout=60)
+        conn.request("GET", "/api/health")
+        assert json.loads(conn.getresponse().read())["context_length"] == CFG.context_length
+        conn.close()
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=60)
     finally:
