@@ -27,7 +27,7 @@ import codecs
 import logging
 import queue
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,7 +35,7 @@ import jax
 import numpy as np
 
 from jaxgpt.config import GPTConfig
-from jaxgpt.generation import _check_sampling_args, generate
+from jaxgpt.generation import _check_sampling_args, _is_int, generate
 from jaxgpt.instruct import PROMPT_STYLES, format_prompt
 from jaxgpt.model import Params
 from jaxgpt.tokenizer import EOT_ID, get_tokenizer
@@ -125,13 +125,13 @@ def stream_tokens(
         raise ValueError(f"ids must be a non-empty sequence of token ids, got shape {arr.shape}")
     if arr.min() < 0 or arr.max() >= cfg.vocab_size:
         raise ValueError(f"ids holds token ids outside [0, vocab_size={cfg.vocab_size})")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+    if not _is_int(max_new_tokens) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     _check_sampling_args(temperature, top_k, top_p, key, cfg.vocab_size)  # generate's own checks, now
-    if eos_id is not None and (not isinstance(eos_id, int) or not 0 <= eos_id < cfg.vocab_size):
+    if eos_id is not None and (not _is_int(eos_id) or not 0 <= eos_id < cfg.vocab_size):
         raise ValueError(f"eos_id must be in [0, vocab_size={cfg.vocab_size}) or None, got {eos_id!r}")
     arr = arr[-(cfg.context_length - 1) :] if cfg.context_length > 1 else arr[-1:]
-    if bucket is not None and (isinstance(bucket, bool) or not isinstance(bucket, int) or bucket < 1):
+    if bucket is not None and (not _is_int(bucket) or bucket < 1):
         raise ValueError(f"bucket must be an integer >= 1 or None, got {bucket!r}")
     n_new = new_token_limit(cfg, arr.size, max_new_tokens)
     pad_to = None
@@ -179,34 +179,32 @@ def _stream(params, cfg, arr, n_new, temperature, top_k, top_p, eos_id, key, pad
             _sink = None
 
 
-class _TextPieces:
-    """Token ids -> text, holding back the bytes of a character that a token split."""
+def text_pieces(tokens: Iterable[int], tokenizer: Any = None) -> Iterator[str]:
+    """Decode a stream of GPT-2 token ids into non-empty pieces of complete UTF-8 text.
 
-    def __init__(self, tokenizer: Any) -> None:
-        self.tokenizer = tokenizer
-        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-
-    def feed(self, token: int) -> str:
-        return self.decoder.decode(self.tokenizer.decode_single_token_bytes(token))
-
-    def flush(self) -> str:
-        """What is still held back: an incomplete character at the end becomes U+FFFD."""
-        return self.decoder.decode(b"", final=True)
-
-
-def text_pieces(tokens: Iterator[int], tokenizer: Any = None) -> Iterator[str]:
-    """Decode a stream of GPT-2 token ids into non-empty pieces of complete UTF-8 text."""
-    pieces = _TextPieces(tokenizer or get_tokenizer())
+    The bytes of a character that a token split wait for the next token; an incomplete character
+    left at the end becomes U+FFFD, as ``tokenizer.decode`` would write it.
+    """
+    tokenizer = tokenizer or get_tokenizer()
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     for token in tokens:
-        if text := pieces.feed(token):
+        if text := decoder.decode(tokenizer.decode_single_token_bytes(token)):
             yield text
-    if text := pieces.flush():
+    if text := decoder.decode(b"", final=True):
         yield text
 
 
-def stream_text(params: Params, cfg: GPTConfig, ids: Sequence[int], max_new_tokens: int, **kwargs: Any):
-    """:func:`stream_tokens` decoded: the reply as pieces of text, each of complete characters."""
-    tokenizer = kwargs.pop("tokenizer", None)
+def stream_text(
+    params: Params,
+    cfg: GPTConfig,
+    ids: Sequence[int],
+    max_new_tokens: int,
+    *,
+    tokenizer: Any = None,
+    **kwargs: Any,
+) -> Iterator[str]:
+    """:func:`stream_tokens` (same arguments) decoded: the reply as pieces of text, each of complete
+    characters (see :func:`text_pieces`)."""
     return text_pieces(stream_tokens(params, cfg, ids, max_new_tokens, **kwargs), tokenizer)
 
 

@@ -21,7 +21,14 @@ import pytest
 from scripts_loader import load_script
 
 from jaxgpt import chat as chat_lib
-from jaxgpt.chat import ChatModel, check_messages, conversation_text, stream_tokens, text_pieces
+from jaxgpt.chat import (
+    ChatModel,
+    check_messages,
+    conversation_text,
+    stream_text,
+    stream_tokens,
+    text_pieces,
+)
 from jaxgpt.chat_server import MAX_BODY, make_server
 from jaxgpt.config import GPTConfig
 from jaxgpt.generation import generate
@@ -88,6 +95,13 @@ def test_streamed_tokens_are_generates_tokens(params, bucket, sampling):
     streamed = list(stream_tokens(params, CFG, ids, N_NEW, bucket=bucket, **sampling))
     assert streamed == _generated(params, ids, N_NEW, **sampling)
     assert len(streamed) == N_NEW  # the premise of the next tests: no end-of-text in these replies
+
+
+def test_stream_text_is_the_decoded_stream(params):
+    tokenizer = get_tokenizer()
+    ids = tokenizer.encode(ALPACA_HELLO)
+    pieces = list(stream_text(params, CFG, ids, N_NEW, tokenizer=tokenizer))
+    assert "".join(pieces) == tokenizer.decode(_generated(params, ids, N_NEW)) and all(pieces)
 
 
 def test_stream_stops_before_end_of_text(params):
