@@ -401,24 +401,32 @@ def _browser():
     return webdriver.Chrome(options=options, service=Service(executable_path=driver))
 
 
-def test_the_page_streams_a_reply_in_headless_chromium(server, params):
+def test_the_page_streams_replies_in_headless_chromium(server, params):
+    """Type, click Send, see the reply arrive piece by piece; a second message carries the first
+    exchange; Reset clears the page."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
+    def send(text):
+        browser.find_element(By.ID, "input").send_keys(text)
+        browser.find_element(By.ID, "send").click()  # the page is "streaming" from here
+        wait.until(lambda b: b.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "idle")
+        return browser.find_elements(By.CSS_SELECTOR, ".assistant")[-1]
+
+    first = _expected_reply(params, ALPACA_HELLO)
+    second = _expected_reply(params, ALPACA_HELLO + first.strip() + "\n\n" + ALPACA_HELLO)
     browser = _browser()
     try:
         browser.get(server.url)
         wait = WebDriverWait(browser, 60)
         wait.until(lambda b: "tiny" in b.find_element(By.ID, "model").text)  # /api/health answered
-        browser.find_element(By.ID, "input").send_keys("Say hello")
-        browser.find_element(By.ID, "send").click()
-        wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, ".assistant"))
-        wait.until(lambda b: b.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "idle")
+        bubble = send("Say hello")
         assert browser.find_element(By.CSS_SELECTOR, ".user").text == "Say hello"
-        shown = browser.execute_script("return document.querySelector('.assistant').textContent")
-        assert shown == _expected_reply(params, ALPACA_HELLO)
-        pieces = int(browser.find_element(By.CSS_SELECTOR, ".assistant").get_attribute("data-pieces"))
-        assert pieces > 1  # the reply arrived piece by piece
+        assert bubble.get_property("textContent") == first
+        assert int(bubble.get_attribute("data-pieces")) > 1  # the reply arrived piece by piece
+        assert send("Say hello").get_property("textContent") == second
         assert not browser.find_elements(By.CSS_SELECTOR, ".error")
+        browser.find_element(By.ID, "reset").click()
+        assert browser.find_elements(By.CSS_SELECTOR, ".message") == []
     finally:
         browser.quit()
