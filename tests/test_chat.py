@@ -401,26 +401,58 @@ def _browser():
     return webdriver.Chrome(options=options, service=Service(executable_path=driver))
 
 
-def test_the_page_streams_replies_in_headless_chromium(server, params):
-    """Type, click Send, see the reply arrive piece by piece; a second message carries the first
-    exchange; Reset clears the page."""
+class _GatedReply:
+    """A reply that holds its second piece back until ``gate`` is set."""
+
+    def __init__(self, reply, gate):
+        self._reply, self._gate = reply, gate
+
+    def __iter__(self):
+        for i, piece in enumerate(self._reply):
+            if i == 1:
+                assert self._gate.wait(60)
+            yield piece
+
+    def __getattr__(self, name):
+        return getattr(self._reply, name)
+
+
+def test_the_page_streams_replies_in_headless_chromium(server, model, params, monkeypatch):
+    """Type, click Send, see the first piece of the reply while the rest is held back, then the
+    whole reply; a second message carries the first exchange; Reset clears the page."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
+
+    gate, reply = threading.Event(), model.reply
+    monkeypatch.setattr(model, "reply", lambda *a, **k: _GatedReply(reply(*a, **k), gate))
+
+    def state(b):
+        return b.find_element(By.TAG_NAME, "body").get_attribute("data-state")
+
+    def shown(b):  # the first reply's text so far
+        return b.execute_script("return document.querySelector('.assistant').textContent")
 
     def send(text):
         browser.find_element(By.ID, "input").send_keys(text)
         browser.find_element(By.ID, "send").click()  # the page is "streaming" from here
-        wait.until(lambda b: b.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "idle")
+        wait.until(lambda b: state(b) == "idle")
         return browser.find_elements(By.CSS_SELECTOR, ".assistant")[-1]
 
-    first = _expected_reply(params, ALPACA_HELLO)
-    second = _expected_reply(params, ALPACA_HELLO + first.strip() + "\n\n" + ALPACA_HELLO)
-    browser = _browser()
+    browser = _browser()  # or a skip
     try:
+        first = _expected_reply(params, ALPACA_HELLO)
+        first_piece = next(text_pieces(_generated(params, get_tokenizer().encode(ALPACA_HELLO), N_NEW)))
+        second = _expected_reply(params, ALPACA_HELLO + first.strip() + "\n\n" + ALPACA_HELLO)
         browser.get(server.url)
         wait = WebDriverWait(browser, 60)
         wait.until(lambda b: "tiny" in b.find_element(By.ID, "model").text)  # /api/health answered
-        bubble = send("Say hello")
+        browser.find_element(By.ID, "input").send_keys("Say hello")
+        browser.find_element(By.ID, "send").click()
+        wait.until(lambda b: shown(b) == first_piece)  # shown while the rest is held back
+        assert state(browser) == "streaming" and first_piece != first
+        gate.set()
+        wait.until(lambda b: state(b) == "idle")
+        bubble = browser.find_element(By.CSS_SELECTOR, ".assistant")
         assert browser.find_element(By.CSS_SELECTOR, ".user").text == "Say hello"
         assert bubble.get_property("textContent") == first
         assert int(bubble.get_attribute("data-pieces")) > 1  # the reply arrived piece by piece
@@ -429,4 +461,5 @@ def test_the_page_streams_replies_in_headless_chromium(server, params):
         browser.find_element(By.ID, "reset").click()
         assert browser.find_elements(By.CSS_SELECTOR, ".message") == []
     finally:
+        gate.set()  # never leave the server holding a reply back
         browser.quit()
