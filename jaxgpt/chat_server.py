@@ -106,6 +106,7 @@ class ChatHandler(BaseHTTPRequestHandler):
 
     server: ChatServer
     server_version = "jaxgpt-chat"
+    timeout = 60  # seconds a socket read or write may wait: a stalled client frees its thread
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the base class's name)
         if self.server.log is not None:
