@@ -7,6 +7,8 @@ function of its inputs and an explicit ``jax.random`` key.
 ``jaxgpt.generation``; the speed devices behind the model are in ``jaxgpt.ops``.
 """
 
+from jaxgpt.chat import ChatModel, check_messages, conversation_text, stream_text, stream_tokens
+from jaxgpt.chat_server import make_server
 from jaxgpt.checkpoint import load_checkpoint
 from jaxgpt.classify import (
     ClassificationLoader,
@@ -60,6 +62,7 @@ from jaxgpt.weights import (
 
 __all__ = [
     "PRESETS",
+    "ChatModel",
     "ClassificationLoader",
     "DataLoader",
     "GPTConfig",
@@ -73,8 +76,10 @@ __all__ = [
     "calc_accuracy_loader",
     "calc_loss_batch",
     "calc_loss_loader",
+    "check_messages",
     "classifier_logits",
     "classify_review",
+    "conversation_text",
     "count_params",
     "create_classifier_state",
     "create_dataloader",
@@ -99,6 +104,7 @@ __all__ = [
     "make_dataset",
     "make_mesh",
     "make_optimizer",
+    "make_server",
     "merge_lora",
     "open_shards",
     "params_from_hf",
@@ -115,6 +121,8 @@ __all__ = [
     "shard_train_step",
     "sliding_windows",
     "state_shardings",
+    "stream_text",
+    "stream_tokens",
     "text_to_token_ids",
     "token_ids_to_text",
     "top_k_mask",

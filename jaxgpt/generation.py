@@ -288,6 +288,7 @@ def _new_tokens(
     eos_id: Any,
     key: Array | None,
     callback: Callable[[Any, Any], None] | None,
+    pad_to: Any = None,
 ) -> Array:
     """Prompt rows of any lengths -> their new tokens (B, max_new_tokens), after checking every argument."""
     if not _is_int(max_new_tokens) or max_new_tokens < 0:
@@ -295,12 +296,16 @@ def _new_tokens(
     temperature, top_k, top_p = _check_sampling_args(temperature, top_k, top_p, key, cfg.vocab_size)
     if eos_id is not None and (not _is_int(eos_id) or not 0 <= eos_id < cfg.vocab_size):
         raise ValueError(f"eos_id must be in [0, vocab_size={cfg.vocab_size}) or None, got {eos_id}")
+    if pad_to is not None and (not _is_int(pad_to) or pad_to < 1):
+        raise ValueError(f"pad_to must be an integer >= 1 or None, got {pad_to!r}")
     max_new_tokens = int(max_new_tokens)
     if max_new_tokens == 0:
         return jnp.zeros((len(rows), 0), jnp.int32)
     # Condition on each row's last context_length tokens; left-pad the rows to one length.
     cropped = [row[-cfg.context_length :] for row in rows]
     T = max(len(row) for row in cropped)
+    if pad_to is not None:  # more padding slots, never more than the context holds
+        T = max(T, min(pad_to, cfg.context_length))
     start = np.array([T - len(row) for row in cropped], np.int32)  # (B,) padding slots per row
     prompt = np.zeros((len(rows), T), np.int32)
     for i, row in enumerate(cropped):
@@ -336,6 +341,7 @@ def generate(
     eos_id: int | None = None,
     key: Array | None = None,
     callback: Callable[[Any, Any], None] | None = None,
+    pad_to: int | None = None,
 ) -> Array:
     """Extend each prompt of ``ids`` (B, T) by ``max_new_tokens`` tokens -> (B, T + max_new_tokens).
 
@@ -350,7 +356,10 @@ def generate(
     sampling; step t draws with ``fold_in(key, t)``, so the same key gives the same tokens.
     callback: ``callback(t, tokens)`` is called on the host with each step's index and (B,)
     tokens as they are produced (for streaming); a new callback compiles anew.
-    Each row conditions on its last ``context_length`` tokens, as the book crops the input.
+    pad_to: left-pad the prompts to this many tokens (at most ``context_length``), hidden from the
+    model like :func:`generate_ragged`'s padding; prompts padded to one length share one compiled
+    decode (the chat pads to multiples of 64 tokens). Each row conditions on its last
+    ``context_length`` tokens, as the book crops the input.
     """
     try:
         arr = np.asarray(ids)
@@ -362,7 +371,9 @@ def generate(
             "for prompts of different lengths use generate_ragged"
         )
     rows = _check_rows(list(arr), "ids", cfg.vocab_size)
-    new = _new_tokens(params, cfg, rows, max_new_tokens, temperature, top_k, top_p, eos_id, key, callback)
+    new = _new_tokens(
+        params, cfg, rows, max_new_tokens, temperature, top_k, top_p, eos_id, key, callback, pad_to
+    )
     return jnp.concatenate([jnp.asarray(np.stack(rows)), new], axis=1)
 
 

@@ -71,6 +71,15 @@ def test_prompts_of_different_lengths_each_match_their_own_generation(params):
         assert row == expected.tolist()
 
 
+def test_padding_a_prompt_to_a_longer_length_changes_no_token(params):
+    """pad_to left-pads like generate_ragged's shorter rows: hidden, so prompts can share a compile."""
+    prompt = np.array([[4, 8, 15]], np.int32)
+    out = np.asarray(generate(params, CFG, prompt, 3, pad_to=5))  # 3 + 3 tokens still fit the context 8
+    np.testing.assert_array_equal(out, _reference_greedy(params, CFG, prompt, 3))
+    with pytest.raises(ValueError, match="pad_to"):
+        generate(params, CFG, prompt, 3, pad_to=0)
+
+
 def test_decoding_compiles_once_whatever_the_number_of_tokens(params, monkeypatch):
     """GPTModel is traced for the prefill, one decode step and one sliding-window step, never per token."""
     traces = []
