@@ -272,7 +272,7 @@ def test_training_matches_the_books_loss_step_after_step():
     state, tx = create_train_state(cfg, tcfg, jax.random.PRNGKey(0), 5, params)
     step_fn = jit_train_step(cfg, tx)
 
-    entries = _entries()[:20]
+    entries = _entries()[:12]
     book = _book_batches(ch07, torch, entries, 4, 96, False)
     ours = InstructionLoader(InstructionDataset.from_entries(entries), batch_size=4, allowed_max_length=96)
     for i, ((x, y), (bx, by)) in enumerate(zip(ours.iter_epoch(0), book, strict=True)):
@@ -287,16 +287,16 @@ def test_training_matches_the_books_loss_step_after_step():
         model.eval()
         with torch.no_grad():
             book_eval = ch05.calc_loss_loader(
-                [(torch.from_numpy(a), torch.from_numpy(b)) for a, b in book], model, "cpu"
+                [(torch.from_numpy(a), torch.from_numpy(b)) for a, b in book], model, "cpu", num_batches=2
             )
-        ours_eval = calc_loss_loader(state.params, cfg, ours.iter_epoch(0))
+        ours_eval = calc_loss_loader(state.params, cfg, ours.iter_epoch(0), num_batches=2)
         assert abs(ours_eval - book_eval) < 1e-4, f"after step {i}: eval loss {ours_eval} vs {book_eval}"
 
 
 def test_response_loss_counts_the_answer_tokens_only():
     cfg = _tiny_cfg().replace(context_length=256)
     params = init_params(cfg, jax.random.PRNGKey(1))
-    entries = _entries()[:3]
+    entries = _entries()[:2]
     loader = InstructionLoader(
         InstructionDataset.from_entries(entries), batch_size=2, allowed_max_length=None
     )
@@ -335,13 +335,13 @@ def test_responses_are_the_books_greedy_generation():
     entries = _entries()[:3]
     seen = []
     ours = generate_responses(
-        params, cfg, entries, max_new_tokens=12, batch_size=2, on_batch=lambda s, r: seen.append((s, r))
+        params, cfg, entries, max_new_tokens=8, batch_size=2, on_batch=lambda s, r: seen.append((s, r))
     )
     assert [s for s, _ in seen] == [0, 2] and sum((r for _, r in seen), []) == ours
     for entry, response in zip(entries, ours, strict=True):
         input_text = format_input(entry)
         idx = torch.tensor(tokenizer.encode(input_text))[None]
-        ids = ch05.generate(model, idx, 12, book_cfg["context_length"], eos_id=50256)
+        ids = ch05.generate(model, idx, 8, book_cfg["context_length"], eos_id=50256)
         generated_text = tokenizer.decode(ids[0].tolist())
         assert response == generated_text[len(input_text) :].replace("### Response:", "").strip()
 
