@@ -333,13 +333,15 @@ def _train(args: argparse.Namespace, prep: dict[str, Any]):
             start_context=format_input(prep["splits"][1][0], s["prompt_style"]),  # the book's val_data[0]
             sample_tokens=s["sample_tokens"],
         )
-        state, tx = create_train_state(cfg, tcfg, jax.random.PRNGKey(s["seed"]), total, prep["params"])
+        state, _ = create_train_state(cfg, tcfg, jax.random.PRNGKey(s["seed"]), total, prep["params"])
         pos = Position()
     else:
         state, _, cfg, tcfg, pos, _ = restore_checkpoint(mngr)
         tcfg = tcfg.replace(num_epochs=s["epochs"])
-        tx = make_optimizer(tcfg, total)  # a constant rate: the same updates whatever the total
         print(f"resuming {args.out} at step {int(state.step)} (epoch {pos.epoch + 1})", file=sys.stderr)
+    # The book's AdamW at a constant rate: one optimizer whatever the epochs, so a longer or a
+    # resumed run reuses the compiled step (the state's structure does not depend on it either).
+    tx = make_optimizer(TrainConfig(learning_rate=s["learning_rate"], weight_decay=s["weight_decay"]), 1)
     metrics_path = args.out / "metrics.jsonl"
     history = _records(metrics_path, int(state.step))
     metrics_path.write_text("".join(json.dumps(r) + "\n" for r in history))
