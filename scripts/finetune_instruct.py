@@ -373,9 +373,9 @@ def _train(args: argparse.Namespace, prep: dict[str, Any]):
     history += records
     if history:
         plot_losses(history, args.out / "loss.png", title=f"instruction fine-tuning, {s['init_from']}")
-    minutes = (time.perf_counter() - t0) / 60
-    print(f"Training completed in {minutes:.2f} minutes.", flush=True)
-    return cfg, state, history
+    seconds = time.perf_counter() - t0
+    print(f"Training completed in {seconds / 60:.2f} minutes.", flush=True)
+    return cfg, state, history, seconds
 
 
 # --------------------------------------------------------------------------------------------
@@ -426,7 +426,7 @@ def _run(args: argparse.Namespace, prep: dict[str, Any]) -> int:
     from jaxgpt.instruct import InstructionLoader, generate_model_scores, response_loss
     from jaxgpt.loss import calc_loss_loader
 
-    cfg, state, history = _train(args, prep)
+    cfg, state, history, train_s = _train(args, prep)
     step = int(state.step)
     _, val_loader, test_loader = _loaders(prep)
     s = prep["settings"]
@@ -447,6 +447,7 @@ def _run(args: argparse.Namespace, prep: dict[str, Any]) -> int:
             ),
         ),  # fmt: skip
         "train_loss_last": history[-1]["train_loss"] if history else None,
+        "train_s": train_s,
     }
     print(
         f"Validation loss {results['val_loss']:.3f}; test loss {results['test_loss']:.3f}, "
@@ -454,7 +455,10 @@ def _run(args: argparse.Namespace, prep: dict[str, Any]) -> int:
         flush=True,
     )
     (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    t0 = time.perf_counter()
     entries = _respond(args, prep, cfg, state.params, step)
+    results["answer_s"] = time.perf_counter() - t0
+    (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     for entry in entries[:3]:
         print(f"\n{entry['instruction']}\n\nCorrect response:\n>> {entry['output']}")
         print(f"\nModel response:\n>> {entry['model_response']}\n{'-' * 40}")
