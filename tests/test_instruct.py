@@ -20,6 +20,7 @@ from jaxgpt.instruct import (
     InstructionDataset,
     InstructionLoader,
     JudgeError,
+    bucket_length,
     check_judge,
     custom_collate_fn,
     extract_response,
@@ -28,6 +29,7 @@ from jaxgpt.instruct import (
     format_prompt,
     generate_model_scores,
     generate_responses,
+    judge_endpoint,
     load_instruction_data,
     query_model,
     response_loss,
@@ -445,3 +447,18 @@ def test_a_judge_that_does_not_answer_is_named(judge):
         query_model("hi", url=url + "/other")
     with pytest.raises(JudgeError, match="not an http"):
         query_model("hi", url="localhost:11434")
+
+
+def test_judge_addresses_and_bucket_lengths():
+    assert judge_endpoint("http://host:11434") == ("http://host:11434/api/chat", "ollama")
+    assert judge_endpoint("http://host:11434/api/chat/") == ("http://host:11434/api/chat", "ollama")
+    assert judge_endpoint("https://h/v1") == ("https://h/v1/chat/completions", "openai")
+    assert judge_endpoint("http://h:8000/v1/chat/completions") == (
+        "http://h:8000/v1/chat/completions",
+        "openai",
+    )
+    # lengths round up to the bucket, never past the cap, never below the length itself
+    assert [bucket_length(n, 64, 128) for n in (1, 64, 65, 128)] == [64, 64, 128, 128]
+    assert (
+        bucket_length(130, 64, 128) == 130 and bucket_length(70, None) == 70 and bucket_length(70, 64) == 128
+    )
