@@ -353,6 +353,9 @@ def test_responses_file_is_written_whole(tmp_path):
     write_json_atomic(path, [{"a": 1}])
     write_json_atomic(path, [{"a": 2}])
     assert json.loads(path.read_text()) == [{"a": 2}] and [p.name for p in tmp_path.iterdir()] == [path.name]
+    plain = tmp_path / "plain"
+    plain.write_text("")
+    assert path.stat().st_mode == plain.stat().st_mode  # readable as any file the user writes
 
 
 # --------------------------------------------------------------------------------------------
