@@ -372,7 +372,8 @@ def _train(args: argparse.Namespace, prep: dict[str, Any]):
     state, _, records = train(state, tx, cfg, tcfg, train_loader, val_loader, pos, _Hooks())
     history += records
     if history:
-        plot_losses(history, args.out / "loss.png", title=f"instruction fine-tuning, {s['init_from']}")
+        title = f"instruction fine-tuning, {Path(s['init_from']).name}"
+        plot_losses(history, args.out / "loss.png", title=title)
     seconds = time.perf_counter() - t0
     print(f"Training completed in {seconds / 60:.2f} minutes.", flush=True)
     return cfg, state, history, seconds
