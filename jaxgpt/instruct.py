@@ -297,7 +297,7 @@ class InstructionLoader(BatchOrder):
     seed: int = 123
     allowed_max_length: int | None = None
     mask_instructions: bool = False
-    bucket: int | None = 64
+    bucket: int | None = 32
 
     def __post_init__(self) -> None:
         self.check_batching()

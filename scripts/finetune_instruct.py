@@ -11,7 +11,7 @@ first end-of-text ignored, cut to --allowed-max-length (default: the model's con
 with --lr 5e-5 and --weight-decay 0.1 for --epochs 2, printing "Ep 1 (Step 000000): Train loss
 ..., Val loss ..." every --eval-freq steps over --eval-iter batches and a sample answer to the
 first validation entry after each epoch. --mask-instructions leaves the prompt's tokens out of
-the loss (exercise 7.2). Lengths are rounded up to a multiple of --bucket (64; 0 for the book's
+the loss (exercise 7.2). Lengths are rounded up to a multiple of --bucket (32; 0 for the book's
 exact shapes), which changes no loss and keeps the number of compilations small.
 
 --data: a JSON list of {"instruction", "input", "output"} entries, such as the book's
@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-style", choices=("alpaca", "phi3"), default="alpaca", help="default: alpaca")
     p.add_argument("--mask-instructions", action="store_true", help="ignore the prompt's tokens in the loss")
     p.add_argument("--allowed-max-length", type=int, help="cut batches to this length (default: context)")
-    p.add_argument("--bucket", type=int, default=64, help="round lengths up to a multiple (0: off; 64)")
+    p.add_argument("--bucket", type=int, default=32, help="round lengths up to a multiple (0: off; 32)")
     p.add_argument("--limit", type=int, help="use only the first N entries of --data")
     p.add_argument("--epochs", type=int, default=2, help="default: %(default)s")
     p.add_argument("--batch-size", type=int, default=8, help="default: %(default)s")
