@@ -531,7 +531,12 @@ def generate_model_scores(
     print_fn: Callable[[str], None] | None = print,
 ) -> list[int]:
     """The judge's integer score of each entry's ``json_key`` answer, skipping (and printing) the
-    replies that are not integers: the book's ``generate_model_scores``."""
+    replies that are not integers: the book's ``generate_model_scores``.
+
+    Every entry is checked first: one without ``instruction``, ``output`` or a string
+    ``json_key`` raises :class:`InstructionDataError` naming it before the judge is asked.
+    """
+    validate_entries(list(json_data), "the answers", required=("instruction", "output", json_key))
     scores = []
     for entry in json_data:
         score, reply = score_response(entry, json_key, model, url)

@@ -441,6 +441,14 @@ def test_judge_speaks_the_openai_api_and_skips_non_integers(judge, capsys):
     assert "Could not convert score: about 70" in capsys.readouterr().out
 
 
+def test_answers_of_the_wrong_type_are_named_before_the_judge_is_asked(judge):
+    url, handler = judge
+    entries = [{**_entries()[0], "model_response": "fine"}, {**_entries()[0], "model_response": 7}]
+    with pytest.raises(InstructionDataError, match=r"entry 1, field 'model_response' is a int"):
+        generate_model_scores(entries, url=url)
+    assert handler.requests == []
+
+
 def test_a_judge_that_does_not_answer_is_named(judge):
     dead = f"http://127.0.0.1:{_free_port()}"
     with pytest.raises(JudgeError, match=re.escape(f"the judge at {dead}/api/chat does not answer")):
