@@ -49,7 +49,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchlib import doc_parser, run_cli  # scripts/ is on sys.path when a script runs
+from benchlib import HintParser, doc_parser, run_cli  # scripts/ is on sys.path when a script runs
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run from a checkout without installing
@@ -70,7 +70,7 @@ class InputError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = doc_parser(PROG, __doc__)
+    p = doc_parser(PROG, __doc__, HintParser)
     p.add_argument("--data", type=Path, help="JSON list of instruction entries (default: see below)")
     p.add_argument("--out", type=Path, required=True, help="run directory to write (or continue)")
     start = p.add_mutually_exclusive_group()

@@ -114,6 +114,13 @@ def test_bad_options_and_directories_stop_with_one_line(capsys, tmp_path, data, 
     assert code == 2 and "is not empty" in err and (out / "notes.txt").read_text() == "mine"
 
 
+def test_a_malformed_option_is_one_line(capsys, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--out", str(tmp_path / "run"), "--epochs", "two"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--epochs" in err and len(err.strip().splitlines()) == 1
+
+
 def test_a_judge_that_does_not_answer_stops_before_any_work(capsys, tmp_path, data, tiny_model):
     dead = f"http://127.0.0.1:{_free_port()}"
     out = tmp_path / "run"
@@ -200,3 +207,15 @@ def test_end_to_end_resumes_bit_for_bit_and_keeps_answers_when_the_judge_fails(
         server.shutdown()
         server.server_close()
     shutil.rmtree(split)
+
+
+def test_ctrl_c_before_the_first_checkpoint_leaves_nothing(capsys, tmp_path, data, tiny_model, monkeypatch):
+    out = tmp_path / "run"
+
+    def interrupted(args, prep):
+        (args.out / "metrics.jsonl").write_text("")  # what a run writes before its first checkpoint
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_run", interrupted)
+    code, _, err = _run(capsys, "--data", data, "--init-from", tiny_model, "--out", out, *FAST)
+    assert code == 130 and "interrupted" in err and not out.exists()
