@@ -141,12 +141,16 @@ def validate_entries(
                 raise InstructionDataError(f"{where}: entry {i} has no {field!r} field")
             if not isinstance(entry[field], str):
                 kind = type(entry[field]).__name__
-                raise InstructionDataError(f"{where}: entry {i}, field {field!r} is a {kind}, not a string")
+                raise InstructionDataError(
+                    f"{where}: entry {i}, field {field!r} must be a string, got {kind}"
+                )
         for field in optional:
             value = entry.get(field)
             if value is not None and not isinstance(value, str):
                 kind = type(value).__name__
-                raise InstructionDataError(f"{where}: entry {i}, field {field!r} is a {kind}, not a string")
+                raise InstructionDataError(
+                    f"{where}: entry {i}, field {field!r} must be a string, got {kind}"
+                )
     return data
 
 

@@ -82,7 +82,7 @@ def test_help_names_the_defaults_and_exit_codes(capsys):
             "entry 1 has no 'instruction' field",
         ),
         ([{"instruction": "a", "output": "b"}, {"instruction": "a"}], "entry 1 has no 'output' field"),
-        ([{"instruction": "a", "output": 7}], "entry 0, field 'output' is a int, not a string"),
+        ([{"instruction": "a", "output": 7}], "entry 0, field 'output' must be a string, got int"),
     ],
 )
 def test_bad_data_stops_before_any_work(capsys, tmp_path, content, expected):

@@ -114,9 +114,12 @@ def _write(tmp_path, content, name="data.json"):
         ([{"instruction": "a", "input": ""}], "entry 0 has no 'output' field"),
         (
             [{"instruction": "a", "output": "b"}] * 2 + [{"instruction": "a", "output": 3}],
-            "entry 2, field 'output' is a int",
+            "entry 2, field 'output' must be a string, got int",
         ),
-        ([{"instruction": "a", "input": ["x"], "output": "b"}], "entry 0, field 'input' is a list"),
+        (
+            [{"instruction": "a", "input": ["x"], "output": "b"}],
+            "entry 0, field 'input' must be a string, got list",
+        ),
         ([["instruction", "output"]], "entry 0 is a list, not an object"),
     ],
 )
@@ -444,7 +447,9 @@ def test_judge_speaks_the_openai_api_and_skips_non_integers(judge, capsys):
 def test_answers_of_the_wrong_type_are_named_before_the_judge_is_asked(judge):
     url, handler = judge
     entries = [{**_entries()[0], "model_response": "fine"}, {**_entries()[0], "model_response": 7}]
-    with pytest.raises(InstructionDataError, match=r"entry 1, field 'model_response' is a int"):
+    with pytest.raises(
+        InstructionDataError, match=r"entry 1, field 'model_response' must be a string, got int"
+    ):
         generate_model_scores(entries, url=url)
     assert handler.requests == []
 
