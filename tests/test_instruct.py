@@ -1,7 +1,6 @@
 """The prompt formats against the book's chapter 7 code and its exercise 7.1 (Phi-3)."""
 
 import http.server
-import importlib
 import json
 import re
 import socket
@@ -422,15 +421,12 @@ def test_judge_speaks_ollamas_streaming_api_with_the_books_payload(judge):
     }
 
 
-def test_scoring_prompt_is_the_books():
+def test_scoring_prompt_is_the_books(monkeypatch):
     ch07 = pytest.importorskip("llms_from_scratch.ch07", reason="needs the reference extra")
     entry = {**_entries()[1], "model_response": "Blue."}
-    sent = []
-    ch07.query_model = lambda prompt, model: sent.append(prompt) or "50"  # noqa: ARG005
-    try:
-        assert ch07.generate_model_scores([entry], "model_response") == [50]
-    finally:
-        importlib.reload(ch07)
+    sent = []  # what the book's generate_model_scores would send to Ollama
+    monkeypatch.setattr(ch07, "query_model", lambda prompt, model: sent.append(prompt) or "50")
+    assert ch07.generate_model_scores([entry], "model_response") == [50]
     assert sent == [scoring_prompt(entry)]
 
 
