@@ -18,14 +18,23 @@ from jaxgpt.ops import transposed
 Array = jax.Array
 
 
-def cross_entropy(logits: Array, targets: Array) -> Array:
+IGNORE_INDEX = -100  # a target that adds no loss: torch's cross_entropy default (book 7.3)
+
+
+def cross_entropy(logits: Array, targets: Array, ignore_index: int | None = IGNORE_INDEX) -> Array:
     """Mean negative log-likelihood of ``targets`` (B, T) under ``logits`` (B, T, V).
 
     The book flattens to (B*T, V) and calls ``torch.nn.functional.cross_entropy``; this is the
-    same number, computed in float32 from a log-softmax.
+    same number, computed in float32 from a log-softmax. As there, targets equal to
+    ``ignore_index`` (-100) take no part: the mean is over the others (NaN when none is left).
     """
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)  # (B, T)
-    return losses.mean()
+    if ignore_index is None:
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+        return losses.mean()
+    valid = targets != ignore_index  # (B, T)
+    safe = jnp.where(valid, targets, 0)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), safe)  # (B, T)
+    return jnp.where(valid, losses, 0.0).sum() / valid.sum()
 
 
 # --- the training loss without the (B, T, V) logits ---------------------------------------------
@@ -54,12 +63,13 @@ def _chunked_loss_and_grads(
     chunk_rows: int,
     vocab_size: int,
     with_grads: bool,
+    ignore_index: int | None = None,
 ) -> tuple[Array, Array | None, Array | None]:
     """Mean cross-entropy of ``targets`` (N,) under logits ``x @ head``; x (N, C), head (C, V).
 
     Columns of ``head`` from ``vocab_size`` on are padding: their logits are -inf (probability
-    0, gradient 0). With ``with_grads`` also d loss / d x (N, C) and d loss / d head (C, V), both
-    float32.
+    0, gradient 0). Targets equal to ``ignore_index`` weigh 0 and the mean is over the others.
+    With ``with_grads`` also d loss / d x (N, C) and d loss / d head (C, V), both float32.
     """
     N, C = x.shape
     if dtype == "float32":
@@ -70,8 +80,14 @@ def _chunked_loss_and_grads(
     n_chunks = -(-N // chunk_rows)
     pad = n_chunks * chunk_rows - N
     xs = jnp.pad(x, ((0, pad), (0, 0))).reshape(n_chunks, chunk_rows, C)
+    if ignore_index is None:
+        valid, count = jnp.ones((N,), bool), N
+    else:  # ignored targets weigh 0 and are read as token 0; the mean is over the rest
+        valid = targets != ignore_index
+        count = valid.sum().astype(jnp.float32)
+        targets = jnp.where(valid, targets, 0)
     ys = jnp.pad(targets, (0, pad)).reshape(n_chunks, chunk_rows)
-    weights = (jnp.arange(n_chunks * chunk_rows) < N).astype(jnp.float32).reshape(n_chunks, chunk_rows, 1) / N
+    weights = jnp.pad(valid, (0, pad)).astype(jnp.float32).reshape(n_chunks, chunk_rows, 1) / count
 
     def one_chunk(dhead: Array | None, chunk: tuple[Array, Array, Array]) -> tuple[Array | None, tuple]:
         xc, yc, wc = chunk  # (R, C), (R,), (R, 1)
@@ -96,21 +112,21 @@ def _chunked_loss_and_grads(
     return loss_sums.sum(), dxs.reshape(-1, C)[:N], dhead
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
 def _linear_cross_entropy(
-    x: Array, head: Array, targets: Array, dtype: str, chunk_rows: int, vocab_size: int
+    x: Array, head: Array, targets: Array, dtype: str, chunk_rows: int, vocab_size: int, ignore_index
 ) -> Array:
     args = (dtype, chunk_rows, vocab_size)
-    return _chunked_loss_and_grads(x, head, targets, *args, False)[0]
+    return _chunked_loss_and_grads(x, head, targets, *args, False, ignore_index)[0]
 
 
-def _linear_cross_entropy_fwd(x, head, targets, dtype, chunk_rows, vocab_size):
+def _linear_cross_entropy_fwd(x, head, targets, dtype, chunk_rows, vocab_size, ignore_index):
     args = (dtype, chunk_rows, vocab_size)
-    loss, dx, dhead = _chunked_loss_and_grads(x, head, targets, *args, True)
+    loss, dx, dhead = _chunked_loss_and_grads(x, head, targets, *args, True, ignore_index)
     return loss, (dx, dhead, targets)
 
 
-def _linear_cross_entropy_bwd(dtype, chunk_rows, vocab_size, res, g):
+def _linear_cross_entropy_bwd(dtype, chunk_rows, vocab_size, ignore_index, res, g):
     dx, dhead, targets = res
     return g * dx, g * dhead, np.zeros(targets.shape, dtype=jax.dtypes.float0)
 
@@ -125,13 +141,15 @@ def linear_cross_entropy(
     dtype: str = "float32",
     chunk_rows: int = CHUNK_ROWS,
     vocab_size: int | None = None,
+    ignore_index: int | None = IGNORE_INDEX,
 ) -> Array:
     """``cross_entropy(hidden @ head, targets)`` without ever holding all the logits.
 
     hidden (B, T, C) from ``GPTModel(..., head=False)``; head (C, V); targets (B, T). Equal to
     the plain loss (and so are its gradients) up to float rounding; peak memory holds the
     logits of ``chunk_rows`` rows only. ``vocab_size`` < V: the head's later columns are padding
-    and take no part (``GPTConfig.vocab_pad_multiple``).
+    and take no part (``GPTConfig.vocab_pad_multiple``). Targets equal to ``ignore_index``
+    take no part either, as in :func:`cross_entropy`.
     """
     B, T, C = hidden.shape
     if targets.shape != (B, T):
@@ -143,7 +161,8 @@ def linear_cross_entropy(
     if not 0 < vocab_size <= head.shape[1]:
         raise ValueError(f"vocab_size must be in [1, {head.shape[1]}] (the head's columns), got {vocab_size}")
     flat_targets = targets.reshape(B * T)
-    return _linear_cross_entropy(hidden.reshape(B * T, C), head, flat_targets, dtype, chunk_rows, vocab_size)
+    args = (dtype, chunk_rows, vocab_size, ignore_index)
+    return _linear_cross_entropy(hidden.reshape(B * T, C), head, flat_targets, *args)
 
 
 def dropout_rng(key: Array) -> Array:
