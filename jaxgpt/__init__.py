@@ -22,6 +22,17 @@ from jaxgpt.classify import (
 )
 from jaxgpt.config import PRESETS, GPTConfig, backend_defaults, get_config
 from jaxgpt.data import DataLoader, create_dataloader, default_corpus, sliding_windows, train_val_split
+from jaxgpt.dpo import (
+    PreferenceLoader,
+    collate_preference,
+    dpo_loss,
+    dpo_train_step,
+    encode_preference_data,
+    evaluate_dpo,
+    read_preference_data,
+    sequence_logprobs,
+    train_dpo,
+)
 from jaxgpt.evaluate import perplexity, score_lambada, score_multiple_choice
 from jaxgpt.generation import (
     apply_temperature,
@@ -59,11 +70,12 @@ from jaxgpt.weights import (
 )
 
 __all__ = [
-    "PRESETS",
     "ClassificationLoader",
     "DataLoader",
     "GPTConfig",
     "GPTModel",
+    "PRESETS",
+    "PreferenceLoader",
     "TrainConfig",
     "TrainState",
     "add_classification_head",
@@ -75,12 +87,17 @@ __all__ = [
     "calc_loss_loader",
     "classifier_logits",
     "classify_review",
+    "collate_preference",
     "count_params",
     "create_classifier_state",
     "create_dataloader",
     "create_train_state",
     "cross_entropy",
     "default_corpus",
+    "dpo_loss",
+    "dpo_train_step",
+    "encode_preference_data",
+    "evaluate_dpo",
     "evaluate_model",
     "from_pretrained",
     "generate",
@@ -107,11 +124,13 @@ __all__ = [
     "perplexity",
     "prepare_shards",
     "read_labeled_texts",
+    "read_preference_data",
     "sample_next_token",
     "save_book_state_dict",
     "save_hf_gpt2",
     "score_lambada",
     "score_multiple_choice",
+    "sequence_logprobs",
     "shard_train_step",
     "sliding_windows",
     "state_shardings",
@@ -120,6 +139,7 @@ __all__ = [
     "top_k_mask",
     "top_p_mask",
     "train_classifier_simple",
+    "train_dpo",
     "train_step",
     "train_val_split",
 ]
