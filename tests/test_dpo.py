@@ -392,3 +392,15 @@ def test_eval_line_is_the_books_print():
         "Ep 1 (Step 000005): Train loss 0.693, Val loss 0.690, "
         "Train reward margins 0.012, Val reward margins -0.500"
     )
+
+
+def test_phi3_style_batches_count_only_the_response_side():
+    from jaxgpt.instruct import format_prompt
+
+    tokenizer, entry = get_tokenizer(), FALLBACK[1]
+    (item,) = encode_preference_data([entry], "phi3")
+    assert tokenizer.decode(item["chosen"]) == format_prompt(entry, "phi3") + entry["chosen"]
+    batch = collate_preference([item])
+    for key in ("chosen", "rejected"):
+        counted = tokenizer.decode(batch[key][0][batch[f"{key}_mask"][0]].tolist())
+        assert counted.endswith(entry[key]) and "<|user|>" not in counted and entry["input"] not in counted
