@@ -459,7 +459,8 @@ def train_dpo(
     step; returns the final state, position and the evaluation records (``step``, ``epoch``,
     ``tokens_seen`` and ``train_``/``val_`` + each of :data:`METRICS`). ``tokens_seen`` counts
     the chosen and rejected tokens without padding. Starts at ``pos`` (a resumed run's) and
-    stops early when ``hooks.should_stop`` says so; ``hooks.save`` gets only finite states.
+    stops early when ``hooks.should_stop`` says so (then saves through ``hooks.save``, as at the
+    end); a non-finite loss or reward raises NonFiniteLossError before that state is saved.
     ``sample(params)``, when given, is printed through ``hooks.on_epoch_end`` after each epoch.
     The caller's ``state`` is donated: use only the returned one.
     """
