@@ -3,9 +3,10 @@
 Source: ch07/04_preference-tuning-with-dpo/dpo-from-scratch.ipynb in Sebastian Raschka's
 repository rasbt/LLMs-from-scratch (Apache License 2.0, Copyright Sebastian Raschka). The pip
 package ``llms_from_scratch`` has no DPO code, so the notebook's ``PreferenceDataset``,
-``custom_collate_fn``, ``compute_dpo_loss``, ``compute_logprobs``, ``compute_dpo_loss_batch``
-and the inner step of ``train_model_dpo_simple`` are copied here as the notebook has them
-(comments shortened); ``format_input`` is the package's ``llms_from_scratch.ch07.format_input``.
+``custom_collate_fn``, ``compute_dpo_loss``, ``compute_logprobs``, ``compute_dpo_loss_batch``,
+``compute_dpo_loss_loader`` and the inner step of ``train_model_dpo_simple`` are copied here as
+the notebook has them (comments shortened); ``format_input`` is the package's
+``llms_from_scratch.ch07.format_input``.
 """
 
 from __future__ import annotations
@@ -157,6 +158,31 @@ def compute_dpo_loss_batch(batch, policy_model, reference_model, beta):
         beta=beta,
     )
     return loss, chosen_rewards, rejected_rewards
+
+
+def compute_dpo_loss_loader(data_loader, policy_model, reference_model, beta, num_batches=None):
+    total_loss, total_chosen_rewards, total_rejected_rewards = 0.0, 0.0, 0.0
+    if len(data_loader) == 0:
+        return float("nan")
+    elif num_batches is None:
+        num_batches = len(data_loader)
+    else:
+        num_batches = min(num_batches, len(data_loader))
+    for i, batch in enumerate(data_loader):
+        if i < num_batches:
+            loss, chosen_rewards, rejected_rewards = compute_dpo_loss_batch(
+                batch=batch, policy_model=policy_model, reference_model=reference_model, beta=beta
+            )
+            total_loss += loss.item()
+            total_chosen_rewards += chosen_rewards.item()
+            total_rejected_rewards += rejected_rewards.item()
+        else:
+            break
+
+    total_loss /= num_batches
+    total_chosen_rewards /= num_batches
+    total_rejected_rewards /= num_batches
+    return total_loss, total_chosen_rewards, total_rejected_rewards
 
 
 def dpo_step(batch, policy_model, reference_model, optimizer, beta):
