@@ -310,11 +310,11 @@ def _prepare(args: argparse.Namespace) -> dict[str, Any]:
 def _plot(records: list[dict[str, Any]], out: Path) -> None:
     from jaxgpt.plot import plot_losses
 
-    plot_losses(records, out / "loss.png", title="DPO loss")
+    plot_losses(records, out / "loss.png")
     margins = [
         {**r, "train_loss": r["train_reward_margin"], "val_loss": r["val_reward_margin"]} for r in records
     ]
-    plot_losses(margins, out / "margins.png", title="DPO reward margins", label="reward margins")
+    plot_losses(margins, out / "margins.png", label="reward margins")
 
 
 def _make_hooks(prep: dict[str, Any], out: Path, mngr, ctrl_c):  # noqa: ANN001
