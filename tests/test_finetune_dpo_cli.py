@@ -38,9 +38,9 @@ def tiny_model(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def prefs(tmp_path_factory):
-    """The first 24 entries: 20 / 2 / 2 after the book's split (train, test, validation)."""
+    """The first 12 entries: 10 / 1 / 1 after the book's split (train, test, validation)."""
     path = tmp_path_factory.mktemp("data") / "prefs.json"
-    path.write_text(json.dumps(json.loads(DATA.read_text())[:24]))
+    path.write_text(json.dumps(json.loads(DATA.read_text())[:12]))
     return path
 
 
@@ -119,11 +119,11 @@ def test_end_to_end_writes_a_run_and_resumes_bit_for_bit(capsys, tmp_path, tiny_
     code, out, err = _run(capsys, *common, "--out", whole)
     assert code == 0, err
     assert "Ep 1 (Step 000000): Train loss " in out and ", Train reward margins " in out, out
-    assert "Ep 1 (Step 000009): Train loss " in out and "Done: 10 steps" in out
+    assert "Ep 1 (Step 000004): Train loss " in out and "Done: 5 steps" in out
     for name in ("metrics.jsonl", "loss.png", "margins.png"):
         assert (whole / name).is_file(), name
     records = [json.loads(line) for line in (whole / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [1, 3, 5, 7, 9, 10]
+    assert [r["step"] for r in records] == [1, 3, 5]
     last = records[-1]
     assert last["train_loss"] < np.log(2) and last["train_reward_margin"] > 0  # it learned its batches
     assert 0 <= last["val_accuracy"] <= 1 and "train_chosen_reward" in last and "val_rejected_reward" in last
@@ -151,7 +151,7 @@ def test_end_to_end_writes_a_run_and_resumes_bit_for_bit(capsys, tmp_path, tiny_
     part = tmp_path / "part"
     monkeypatch.setattr(cli, "_make_hooks", stop_at_3)
     code, _, err = _run(capsys, *common, "--out", part)
-    assert code == 130 and "interrupted at step 3 of 10" in err and "--resume" in err, err
+    assert code == 130 and "interrupted at step 3 of 5" in err and "--resume" in err, err
     monkeypatch.setattr(cli, "_make_hooks", stopper)
     code, out, err = _run(capsys, "--out", part, "--resume")
     assert code == 0 and "Resuming at step 3" in out, err
