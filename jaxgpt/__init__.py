@@ -24,6 +24,17 @@ from jaxgpt.classify import (
 )
 from jaxgpt.config import PRESETS, GPTConfig, backend_defaults, get_config
 from jaxgpt.data import DataLoader, create_dataloader, default_corpus, sliding_windows, train_val_split
+from jaxgpt.dpo import (
+    PreferenceLoader,
+    collate_preference,
+    dpo_loss,
+    dpo_train_step,
+    encode_preference_data,
+    evaluate_dpo,
+    read_preference_data,
+    sequence_logprobs,
+    train_dpo,
+)
 from jaxgpt.evaluate import perplexity, score_lambada, score_multiple_choice
 from jaxgpt.generation import (
     apply_temperature,
@@ -88,6 +99,7 @@ __all__ = [
     "InstructionDataset",
     "InstructionLoader",
     "JudgeError",
+    "PreferenceLoader",
     "TrainConfig",
     "TrainState",
     "add_classification_head",
@@ -101,6 +113,7 @@ __all__ = [
     "classifier_logits",
     "classify_review",
     "conversation_text",
+    "collate_preference",
     "count_params",
     "create_classifier_state",
     "create_dataloader",
@@ -108,6 +121,10 @@ __all__ = [
     "cross_entropy",
     "custom_collate_fn",
     "default_corpus",
+    "dpo_loss",
+    "dpo_train_step",
+    "encode_preference_data",
+    "evaluate_dpo",
     "evaluate_model",
     "extract_response",
     "format_example",
@@ -144,11 +161,13 @@ __all__ = [
     "query_model",
     "read_labeled_texts",
     "response_loss",
+    "read_preference_data",
     "sample_next_token",
     "save_book_state_dict",
     "save_hf_gpt2",
     "score_lambada",
     "score_multiple_choice",
+    "sequence_logprobs",
     "shard_train_step",
     "sliding_windows",
     "split_data",
@@ -160,6 +179,7 @@ __all__ = [
     "top_k_mask",
     "top_p_mask",
     "train_classifier_simple",
+    "train_dpo",
     "train_step",
     "train_val_split",
 ]

@@ -31,12 +31,15 @@ def save_figure(fig: Any, name: str, notebook_file: str | None = None) -> Path:
     return path
 
 
-def plot_losses(records: Sequence[dict[str, Any]], path: str | Path, title: str | None = None) -> Path:
+def plot_losses(
+    records: Sequence[dict[str, Any]], path: str | Path, title: str | None = None, label: str = "loss"
+) -> Path:
     """Write a PNG of ``train_loss`` and ``val_loss`` against ``tokens_seen`` (book's ``plot_losses``).
 
     ``records`` are the evaluation records of :func:`jaxgpt.train.train` (or the lines of a run's
     ``metrics.jsonl``). A second x-axis on top shows the epoch, as in the book's figure 5.12.
-    Uses matplotlib's Agg backend, so no display is needed.
+    Uses matplotlib's Agg backend, so no display is needed. ``label`` names what is plotted
+    (the book's ``label`` argument: "loss", or "reward margins" for DPO).
     """
     import matplotlib
 
@@ -48,12 +51,12 @@ def plot_losses(records: Sequence[dict[str, Any]], path: str | Path, title: str 
         raise ValueError("no evaluation records to plot")
     tokens = [r["tokens_seen"] for r in records]
     fig, ax1 = plt.subplots(figsize=(5, 3))
-    ax1.plot(tokens, [r["train_loss"] for r in records], label="Training loss")
-    ax1.plot(tokens, [r["val_loss"] for r in records], linestyle="-.", label="Validation loss")
+    ax1.plot(tokens, [r["train_loss"] for r in records], label=f"Training {label}")
+    ax1.plot(tokens, [r["val_loss"] for r in records], linestyle="-.", label=f"Validation {label}")
     ax1.set_xlabel("Tokens seen")
     if max(tokens) >= 10_000:  # 50k rather than 50000: long tick labels run into each other
         ax1.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x / 1000:g}k"))
-    ax1.set_ylabel("Loss")
+    ax1.set_ylabel(label.capitalize())
     ax1.legend(loc="upper right")
     if title:
         ax1.set_title(title, fontsize=9)
