@@ -49,9 +49,11 @@ from jaxgpt.train import (
 )
 from jaxgpt.weights import (
     book_state_dict,
+    classifier_classes,
     load,
     load_book_state_dict,
     load_hf_gpt2,
+    not_a_language_model,
     params_from_hf,
     params_to_hf,
     save_book_state_dict,
@@ -73,6 +75,7 @@ __all__ = [
     "calc_accuracy_loader",
     "calc_loss_batch",
     "calc_loss_loader",
+    "classifier_classes",
     "classifier_logits",
     "classify_review",
     "count_params",
@@ -100,6 +103,7 @@ __all__ = [
     "make_mesh",
     "make_optimizer",
     "merge_lora",
+    "not_a_language_model",
     "open_shards",
     "params_from_hf",
     "params_to_hf",
