@@ -4,7 +4,8 @@
     python scripts/bench.py finetune --modes lora --json
     python scripts/bench_finetune.py --preset quickstart --max-length 32 --steps 2   # a quick look
 
-Both sides train the same shapes: a ``--preset`` model with a two-class head, batches of
+Both sides train the same shapes: a ``--preset`` model with the query/key/value biases GPT-2's
+weights have (chapter 6's ``BASE_CONFIG``) and a two-class head, batches of
 ``--batch-size`` texts padded to ``--max-length`` tokens (the book's spam data pads to 120), AdamW
 at the book's 5e-5 and weight decay 0.1, dropout off, as chapter 6 fine-tunes. Two settings:
 
@@ -108,7 +109,7 @@ def bench_jaxgpt(mode: str, args) -> dict:
     from jaxgpt.config import get_config
     from jaxgpt.model import init_params
 
-    cfg = get_config(args.preset, drop_rate=0.0)
+    cfg = get_config(args.preset, drop_rate=0.0, qkv_bias=True)  # chapter 6's BASE_CONFIG
     key = jax.random.PRNGKey(0)
     params = classify.add_classification_head(init_params(cfg, key), cfg, NUM_CLASSES, key)
     tx = classify.make_classifier_optimizer(5e-5, 0.1)
@@ -166,8 +167,8 @@ def book_finetune(
     torch.manual_seed(123)
     torch.set_num_threads(threads)
     cfg = get_config(preset)
-    keys = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "qkv_bias")
-    model = ch04.GPTModel({**{k: getattr(cfg, k) for k in keys}, "drop_rate": 0.0})
+    keys = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers")
+    model = ch04.GPTModel({**{k: getattr(cfg, k) for k in keys}, "drop_rate": 0.0, "qkv_bias": True})
     for param in model.parameters():
         param.requires_grad = False
     model.out_head = torch.nn.Linear(in_features=cfg.emb_dim, out_features=NUM_CLASSES)

@@ -75,8 +75,8 @@ def test_finetune_times_both_settings_against_the_books_code():
     assert (r["preset"], r["batch_size"], r["max_length"]) == ("quickstart", 2, 16)
     assert r["machine"].endswith(f"{len(os.sched_getaffinity(0))} cores") and r["date"].count("-") == 2
     assert set(r["modes"]) == {"last-block", "lora"}
-    C = 128  # quickstart's width, no query/key/value biases
-    block = 4 * C * C + C + (4 * C * C + 4 * C) + (4 * C * C + C) + 4 * C  # attention, ff, two norms
+    C = 128  # quickstart's width
+    block = 4 * C * C + 4 * C + (4 * C * C + 4 * C) + (4 * C * C + C) + 4 * C  # attention, ff, two norms
     assert r["modes"]["last-block"]["trainable_params"] == block + 2 * C + C * 2 + 2
     for mode, mine in r["modes"].items():
         assert mine["examples_per_s"] == pytest.approx(2 / (mine["step_ms"] / 1000)), mode

@@ -32,6 +32,7 @@ EXPECTED_FIGURES = {
         "ch05_top_k_top_p.png",
         "ch05_book_table.png",
     ],
+    "ch06_classification.py": ["ch06_loss.png", "ch06_accuracy.png", "ch06_confusion.png"],
 }
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
