@@ -79,9 +79,11 @@ from jaxgpt.train import (
 )
 from jaxgpt.weights import (
     book_state_dict,
+    classifier_classes,
     load,
     load_book_state_dict,
     load_hf_gpt2,
+    not_a_language_model,
     params_from_hf,
     params_to_hf,
     save_book_state_dict,
@@ -110,6 +112,7 @@ __all__ = [
     "calc_loss_batch",
     "calc_loss_loader",
     "check_messages",
+    "classifier_classes",
     "classifier_logits",
     "classify_review",
     "conversation_text",
@@ -152,6 +155,7 @@ __all__ = [
     "make_optimizer",
     "make_server",
     "merge_lora",
+    "not_a_language_model",
     "open_shards",
     "params_from_hf",
     "params_to_hf",

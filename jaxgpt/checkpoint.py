@@ -212,11 +212,23 @@ def _like(tree: Any, like: Any) -> Any:
     return jax.tree.unflatten(like_def, leaves)
 
 
+def _lora_alpha(meta: Any) -> float | None:
+    """The LoRA scale of a classifier run trained with adapters (``scripts/finetune_classifier.py
+    --lora-rank``), else None."""
+    settings = meta.get("settings") if isinstance(meta, dict) else None
+    if not isinstance(settings, dict) or settings.get("lora_rank") is None:
+        return None
+    return float(settings["lora_alpha"])
+
+
 def load_checkpoint(path: str | Path) -> tuple[GPTConfig, Params]:
     """(model config, params) from a run directory (its latest step) or one step directory.
 
     Needs no trainer and reads no optimizer state: ``cfg, params = load_checkpoint("runs/x")``,
-    then ``jaxgpt.generate(params, cfg, ids, 50)``.
+    then ``jaxgpt.generate(params, cfg, ids, 50)``. A classifier run of
+    ``scripts/finetune_classifier.py`` gives its params with the classification head
+    (``jaxgpt.classifier_classes`` says how many classes); a LoRA run gives the adapted model, its
+    adapters merged into the frozen weights (``jaxgpt.merge_lora``).
     """
     root, step = resolve(path)
     mngr = CheckpointManager.__new__(CheckpointManager)
@@ -226,11 +238,22 @@ def load_checkpoint(path: str | Path) -> tuple[GPTConfig, Params]:
             mngr._mngr = ocp.CheckpointManager(root, options=_options(None, True), item_names=_ITEMS)
     except Exception as e:
         raise CheckpointError(f"{root} is not a checkpoint directory ({type(e).__name__}: {e})") from e
-    step, params, _, meta = mngr.restore(step)
+    step, meta = mngr.read_meta(step)
+    lora_alpha = _lora_alpha(meta)
+    # a LoRA run keeps its adapters beside the optimizer state: read that item too
+    state_like = _whole_on_one_device(mngr.step_dir(step) / "state") if lora_alpha is not None else None
+    step, params, state, meta = mngr.restore(step, state_like=state_like)
     try:
         cfg = GPTConfig.from_dict(meta["model_config"])
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"the model config saved in {root} is unusable: {e}") from e
+    if lora_alpha is not None:  # a LoRA classifier run: the frozen weights, and the adapters in the state
+        from jaxgpt.lora import merge_lora
+
+        adapters = state.get("adapters") if isinstance(state, dict) else None
+        if not adapters:
+            raise CheckpointError(f"checkpoint step {step} in {root} is a LoRA run without its adapters")
+        params = merge_lora(params, adapters, lora_alpha)
     if not _all_finite(params):
         raise CheckpointError(
             f"checkpoint step {step} in {root} holds non-finite (NaN or infinite) parameters"

@@ -37,16 +37,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax.traverse_util import flatten_dict
 
 from jaxgpt.config import GPTConfig
 from jaxgpt.data import BatchOrder
 from jaxgpt.model import GPTModel, LayerNorm, Params, TransformerBlock
-from jaxgpt.ops import keep_mask
+from jaxgpt.ops import Linear, keep_mask
 
 Array = jax.Array
 PAD_TOKEN_ID = 50256  # <|endoftext|>, the book's padding token
@@ -383,21 +385,60 @@ def combine_params(trainable: Params, frozen: Params) -> Params:
 _REMAT = {"full": None, "dots": jax.checkpoint_policies.checkpoint_dots}
 
 
-def _run_blocks(
-    cfg: GPTConfig, stacked: Params, x: Array, first_layer: int, deterministic: bool, key: Array | None
-) -> Array:
-    """x (B, T, C) through the blocks whose params are stacked on axis 0 (layers first_layer, ...)."""
+def _lora_interceptor(adapters: Params, alpha: float) -> Callable[..., Any]:
+    """A Flax method interceptor adding the book's LoRA term ``alpha * (x @ A @ B)`` to the output of
+    every ``Linear`` whose path in the module tree (``("att", "W_query")``) has an adapter.
 
-    def body(x: Array, layer: tuple[Array, Params]) -> tuple[Array, None]:
-        i, p = layer
+    This is the book's ``LinearWithLoRA.forward``: the frozen kernel is only read, so its
+    gradient is never formed, where training the merged kernel (``merge_lora``) would compute a
+    full-size kernel gradient per layer and project it onto the adapters.
+    """
+    table: dict[tuple[str, ...], dict[str, Array]] = {}
+    for path, leaf in flatten_dict(adapters).items():  # ("att", "W_query", "A") -> leaf
+        table.setdefault(path[:-1], {})[path[-1]] = leaf
+
+    def interceptor(next_fun, args, kwargs, context):
+        y = next_fun(*args, **kwargs)
+        if context.method_name != "__call__" or not isinstance(context.module, Linear):
+            return y
+        ab = table.get(tuple(context.module.path))
+        if ab is None:
+            return y
+        x = args[0]  # (..., in)
+        lora = alpha * (x @ ab["A"].astype(x.dtype) @ ab["B"].astype(x.dtype))  # (..., out)
+        return y + lora.astype(y.dtype)
+
+    return interceptor
+
+
+def _run_blocks(
+    cfg: GPTConfig,
+    stacked: Params,
+    x: Array,
+    first_layer: int,
+    deterministic: bool,
+    key: Array | None,
+    lora: tuple[Params, float] | None = None,
+) -> Array:
+    """x (B, T, C) through the blocks whose params are stacked on axis 0 (layers first_layer, ...);
+    ``lora`` = (adapters stacked the same way, alpha) adds the adapters' term to each linear."""
+
+    def body(x: Array, layer: tuple[Array, Params, Params | None]) -> tuple[Array, None]:
+        i, p, ab = layer
         rngs = None if deterministic else {"dropout": jax.random.fold_in(key, i)}
-        x, _ = TransformerBlock(cfg, deterministic).apply({"params": p}, x, None, None, None, rngs=rngs)
+        block = TransformerBlock(cfg, deterministic)
+        if ab is None:
+            x, _ = block.apply({"params": p}, x, None, None, None, rngs=rngs)
+        else:
+            with nn.intercept_methods(_lora_interceptor(ab, lora[1])):
+                x, _ = block.apply({"params": p}, x, None, None, None, rngs=rngs)
         return x, None
 
     if cfg.remat != "none":
         body = jax.checkpoint(body, policy=_REMAT[cfg.remat], prevent_cse=False)
     n = jax.tree.leaves(stacked)[0].shape[0]
-    x, _ = jax.lax.scan(body, x, (first_layer + jnp.arange(n), stacked), unroll=cfg.scan_unroll)
+    ab = None if lora is None else lora[0]
+    x, _ = jax.lax.scan(body, x, (first_layer + jnp.arange(n), stacked, ab), unroll=cfg.scan_unroll)
     return x
 
 
@@ -409,6 +450,7 @@ def classifier_logits(
     frozen: Params | None = None,
     deterministic: bool = True,
     dropout_key: Array | None = None,
+    lora: tuple[Params, float] | None = None,
 ) -> Array:
     """Token ids (B, T) -> class logits (B, num_classes) of each sequence's last token.
 
@@ -416,9 +458,14 @@ def classifier_logits(
     classifier, or with ``frozen`` the trainable part of :func:`partition_params`: the frozen
     blocks run first and no gradient flows into them. ``deterministic=False`` turns dropout on
     (needs ``dropout_key``; each layer folds in its index, so the masks do not depend on how the
-    params were cut).
+    params were cut). ``lora`` = (adapters, alpha) of :func:`jaxgpt.lora.init_lora` runs the
+    adapted model the book's way, ``x @ W + alpha * (x @ A @ B)`` in each adapted layer (the same
+    function as the merged params of :func:`jaxgpt.lora.merge_lora`, differentiated more cheaply).
     """
     frozen = {} if frozen is None else frozen
+    adapters = {} if lora is None else lora[0]
+    if lora is not None and frozen:
+        raise ValueError("LoRA adapters go with whole params, not with a frozen part")
     if not deterministic and dropout_key is None:
         raise ValueError("dropout (deterministic=False) needs a dropout_key")
 
@@ -438,14 +485,19 @@ def classifier_logits(
     layer = 0
     for tree in (frozen, params):  # frozen blocks are the first ones
         if "trf_blocks" in tree:
-            x = _run_blocks(cfg, tree["trf_blocks"], x, layer, deterministic, dropout_key)
+            block_lora = None if "trf_blocks" not in adapters else (adapters["trf_blocks"], lora[1])
+            x = _run_blocks(cfg, tree["trf_blocks"], x, layer, deterministic, dropout_key, block_lora)
             layer += jax.tree.leaves(tree["trf_blocks"])[0].shape[0]
     if layer != cfg.n_layers:
         raise ValueError(f"the params hold {layer} transformer blocks, the config {cfg.n_layers}")
     x = x[:, -1, :]  # (B, C): the last token, which has seen the whole text
     x = LayerNorm(cfg.emb_dim).apply({"params": part("final_norm")}, x)  # (B, C)
     head = part(HEAD)
-    return x @ head["kernel"] + head["bias"][None, :]  # (B, num_classes)
+    logits = x @ head["kernel"] + head["bias"][None, :]  # (B, num_classes)
+    if HEAD in adapters:
+        ab = adapters[HEAD]
+        logits = logits + lora[1] * (x @ ab["A"] @ ab["B"])  # the book's LinearWithLoRA
+    return logits
 
 
 def lm_hidden_states(params: Params, cfg: GPTConfig, input_batch: Array) -> Array:
@@ -461,18 +513,9 @@ def classifier_from_book_state_dict(
     and a bias) -> (cfg, params). ``state_dict`` maps names to torch tensors or arrays."""
     from jaxgpt.weights import load_book_state_dict
 
-    def to_numpy(v: Any) -> np.ndarray:
-        return np.asarray(v.detach().cpu().float().numpy() if hasattr(v, "detach") else v, np.float32)
-
-    state = dict(state_dict)
-    try:
-        weight, bias = to_numpy(state.pop("out_head.weight")), to_numpy(state.pop("out_head.bias"))
-    except KeyError as e:
-        raise ValueError(f"not a book classifier state dict: no {e.args[0]!r}") from None
-    state["out_head.weight"] = state["tok_emb.weight"]  # a stand-in of the LM head's shape, dropped below
-    cfg, params = load_book_state_dict(state, n_heads=n_heads)
-    params[HEAD] = {"kernel": jnp.asarray(weight.T), "bias": jnp.asarray(bias)}  # (C, K), (K,)
-    return cfg, params
+    if "out_head.bias" not in state_dict:
+        raise ValueError("not a book classifier state dict: no 'out_head.bias'")
+    return load_book_state_dict(state_dict, n_heads=n_heads)
 
 
 # --------------------------------------------------------------------------------------------

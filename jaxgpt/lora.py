@@ -107,13 +107,23 @@ def lora_train_step(
     tx: optax.GradientTransformation,
     alpha: float,
 ) -> tuple[ClassifierState, dict[str, Array]]:
-    """One optimizer update of the adapters only (the classifier's loss on the last token)."""
+    """One optimizer update of the adapters only (the classifier's loss on the last token).
+
+    The adapted layers compute ``x @ W + alpha * (x @ A @ B)`` as the book's ``LinearWithLoRA``
+    does, so the backward pass forms no gradient of a frozen kernel, only the small ones of A and B.
+    """
     inputs, labels = batch
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
 
     def loss_fn(adapters: Params) -> Array:
-        params = merge_lora(state.frozen, adapters, alpha)
-        logits = classifier_logits(params, cfg, inputs, deterministic=cfg.drop_rate == 0, dropout_key=key)
+        logits = classifier_logits(
+            state.frozen,
+            cfg,
+            inputs,
+            deterministic=cfg.drop_rate == 0,
+            dropout_key=key,
+            lora=(adapters, alpha),
+        )
         return classification_loss(logits, labels)
 
     return apply_loss_gradients(state, tx, loss_fn)

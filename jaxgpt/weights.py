@@ -313,6 +313,37 @@ def _export(params: Params, cfg: GPTConfig, layout: Layout) -> dict[str, np.ndar
     return out
 
 
+# ----------------------------------------------------------------------------- classifiers (book chapter 6)
+
+
+def classifier_classes(params: Params) -> int | None:
+    """The number of classes when ``params`` end in a classification head (the book's chapter 6
+    ``out_head = nn.Linear(emb_dim, num_classes)``: a kernel (C, K) and a bias (K,)), else None.
+
+    A language-model head has no bias, so the bias is what tells them apart.
+    """
+    head = params.get("out_head") if isinstance(params, Mapping) else None
+    if isinstance(head, Mapping) and "bias" in head:
+        return int(np.shape(head["bias"])[0])
+    return None
+
+
+def not_a_language_model(params: Params, what: str | Path = "the model") -> str | None:
+    """A one-line reason why ``params`` cannot serve as a language model (a classifier), or None."""
+    classes = classifier_classes(params)
+    if classes is None:
+        return None
+    return (
+        f"{what} is a {classes}-class classifier, not a language model; "
+        "use finetune_classifier.py --out RUN --classify TEXT"
+    )
+
+
+def _lm_part(params: Params, cfg: GPTConfig) -> tuple[Params, GPTConfig]:
+    """A classifier's params without its head, and a config whose head is the (tied) embedding."""
+    return {k: v for k, v in params.items() if k != "out_head"}, cfg.replace(tie_embeddings=True)
+
+
 # ----------------------------------------------------------------------------- Hugging Face GPT-2
 
 # Activations that are GPT-2's tanh approximation of GELU (the model's `gelu`).
@@ -409,8 +440,17 @@ def params_to_hf(params: Params, cfg: GPTConfig) -> dict[str, np.ndarray]:
     """jaxgpt params -> Hugging Face GPT-2 tensors named as ``save_pretrained`` writes them.
 
     ``lm_head.weight`` is included only for an untied head. With ``qkv_bias=False`` the
-    ``c_attn.bias`` Hugging Face needs is written as zeros.
+    ``c_attn.bias`` Hugging Face needs is written as zeros. A classifier's head (a bias beside
+    its kernel) has no place in ``GPT2LMHeadModel``, nor exactly in ``GPT2ForSequenceClassification``,
+    whose head has no bias: ValueError.
     """
+    classes = classifier_classes(params)
+    if classes is not None:
+        raise ValueError(
+            f"the params are a {classes}-class classifier: Hugging Face's GPT2LMHeadModel has no place "
+            "for its head, and GPT2ForSequenceClassification's head has no bias; write the book's .pth "
+            "(--to book), whose GPTModel takes out_head = Linear(emb_dim, num_classes)"
+        )
     return _export(params, cfg, HF_GPT2)
 
 
@@ -667,11 +707,23 @@ def load_book_state_dict(
     checkpoint (torch is needed only to read the file). The config is read from the shapes, with
     n_heads from ``cfg`` or ``n_heads`` or a preset (see :func:`book_config_from_state`); the book
     model's separate ``out_head`` is kept (``tie_embeddings=False``). Every tensor name and shape
-    is checked first.
+    is checked first. The book's chapter 6 classifier (an ``out_head`` with a bias, (K, C) and
+    (K,)) comes back with its head as ``out_head/kernel`` (C, K) and ``out_head/bias`` (K,).
     """
     state = _read_book_state(state_dict_or_path)
+    head = None
+    if "out_head.bias" in state:  # a classifier: set its head aside, import the rest
+        weight, bias = state.pop("out_head.weight", None), state.pop("out_head.bias")
+        if weight is None or weight.ndim != 2 or bias.shape != weight.shape[:1]:
+            got = None if weight is None else weight.shape
+            raise ValueError(f"out_head.bias {bias.shape} needs an out_head.weight (K, C); got {got}")
+        head = {"kernel": jnp.asarray(weight.T), "bias": jnp.asarray(bias)}  # (C, K), (K,)
+        state["out_head.weight"] = state.get("tok_emb.weight")  # a stand-in of the LM head's shape
     cfg = book_config_from_state(state, cfg, n_heads)
-    return cfg, _import(state, cfg, _book_layout(cfg.qkv_bias))
+    params = _import(state, cfg, _book_layout(cfg.qkv_bias))
+    if head is not None:
+        params["out_head"] = head
+    return cfg, params
 
 
 def book_state_dict(params: Params, cfg: GPTConfig, include_mask: bool = True) -> dict[str, np.ndarray]:
@@ -680,13 +732,21 @@ def book_state_dict(params: Params, cfg: GPTConfig, include_mask: bool = True) -
     ``model.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()})`` loads it into
     ``GPTModel(cfg_dict)``. A tied model gets an ``out_head.weight`` equal to ``tok_emb.weight``.
     With ``include_mask`` each layer's ``att.mask`` buffer (the causal mask, 1 above the
-    diagonal) is written too, so a strict ``load_state_dict`` accepts it.
+    diagonal) is written too, so a strict ``load_state_dict`` accepts it. A classifier (see
+    :func:`classifier_classes`) gets the book's chapter 6 head: ``out_head.weight`` (K, C) and
+    ``out_head.bias`` (K,), which ``GPTModel`` loads after ``model.out_head = nn.Linear(C, K)``.
     """
     if not cfg.norm_first:
         raise ValueError("norm_first=False (Post-LN) has no book GPTModel equivalent, which is Pre-LN")
     layout = _book_layout(cfg.qkv_bias)
-    out = _export(params, cfg, layout)
-    if cfg.tie_embeddings:
+    if classifier_classes(params) is not None:
+        trunk, trunk_cfg = _lm_part(params, cfg)
+        out = _export(trunk, trunk_cfg, layout)
+        out["out_head.weight"] = np.ascontiguousarray(np.asarray(params["out_head"]["kernel"]).T)  # (K, C)
+        out["out_head.bias"] = np.ascontiguousarray(np.asarray(params["out_head"]["bias"]))  # (K,)
+    else:
+        out = _export(params, cfg, layout)
+    if cfg.tie_embeddings and classifier_classes(params) is None:
         out[layout.head] = np.ascontiguousarray(out["tok_emb.weight"])  # (V, C) is (out, in) already
     if include_mask:
         mask = np.triu(np.ones((cfg.context_length, cfg.context_length), np.float32), k=1)

@@ -3,6 +3,7 @@
     python scripts/bench.py train                 # gpt2-small, context 256, batch 8, fp32, AdamW
     python scripts/bench.py train --dtype bfloat16 --json
     python scripts/bench.py generate ...          # greedy decode (scripts/bench_generate.py)
+    python scripts/bench.py finetune ...          # classifier fine-tuning (scripts/bench_finetune.py)
     python scripts/bench.py scale mesh|stream ... # sharded steps, streaming shards (scripts/bench_scale.py)
 
 ``train`` times the library's real train step (compile separately, then the median step after a
@@ -559,6 +560,11 @@ def build_parser() -> benchlib.OneLineParser:
         "generate", help="greedy decode throughput (see scripts/bench_generate.py --help)", add_help=False
     )
     sub.add_parser(
+        "finetune",
+        help="a classifier fine-tuning step vs the book's chapter 6 code (see scripts/bench_finetune.py)",
+        add_help=False,
+    )
+    sub.add_parser(
         "scale",
         help="sharded train steps and shard streaming (see scripts/bench_scale.py --help)",
         add_help=False,
@@ -607,6 +613,12 @@ def main(argv: list[str] | None = None) -> int:
         gen_args = bench_generate.parse_args(argv[1:])  # bad flags stop here, before the relaunch
         relaunch_with_fast_allocator()  # no-op once applied, or with JAXGPT_NO_RELAUNCH=1
         return bench_generate.run(gen_args)
+    if argv[:1] == ["finetune"]:
+        import bench_finetune  # the classifier fine-tuning benchmark lives beside this file
+
+        ft_args = bench_finetune.parse_args(argv[1:])
+        relaunch_with_fast_allocator()
+        return bench_finetune.run(ft_args)
     args = build_parser().parse_args(argv)
     if args.command == "report":  # no JAX, no relaunch: it only reads a file
         return cmd_report(args.file)

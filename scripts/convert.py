@@ -10,7 +10,10 @@ Sources: anything ``jaxgpt.load`` reads, recognised from the path: a run directo
 ``scripts/train.py`` (its latest step) or one step directory, a Hugging Face directory
 (config.json + model.safetensors), or the book's ``.pth`` (``torch.save(model.state_dict())`` or
 the book's ``{"model_state_dict": ...}`` checkpoint; needs torch), the folder the book's
-``gpt_download.py`` writes (gpt2/124M, read without TensorFlow) or a GPT-2 name. Targets: a Hugging Face
+``gpt_download.py`` writes (gpt2/124M, read without TensorFlow) or a GPT-2 name. A classifier run
+of ``scripts/finetune_classifier.py`` (a LoRA run with its adapters merged) converts to the book's
+.pth with its chapter 6 head (``out_head = Linear(emb_dim, num_classes)``); Hugging Face's GPT-2
+classes have no such head. Targets: a Hugging Face
 directory (``GPT2LMHeadModel.from_pretrained`` loads it) or a book .pth file
 (``GPTModel(cfg).load_state_dict(torch.load(path))``), chosen by ``--to`` or by the destination's
 suffix (.pth/.pt: book, anything else: Hugging Face). There is no conversion *to* a training
@@ -122,10 +125,11 @@ def _convert(args: argparse.Namespace) -> int:
         return _fail(f"cannot write {dst} as a {_TARGETS[to]}: {e}", 2)
     except OSError as e:  # the disk filled, the directory went away: nothing was left behind
         return _fail(f"writing {dst} failed ({e.strerror or e}); nothing was written", 1)
+    classes = jaxgpt.classifier_classes(params)
+    head = f"{classes}-class head" if classes else f"{'tied' if cfg.tie_embeddings else 'untied'} head"
     print(
         f"{args.src} -> {_TARGETS[to]} {dst}  ({cfg.n_layers} layers, emb_dim {cfg.emb_dim}, "
-        f"{cfg.n_heads} heads, vocab {cfg.vocab_size}, context {cfg.context_length}, "
-        f"{'tied' if cfg.tie_embeddings else 'untied'} head)"
+        f"{cfg.n_heads} heads, vocab {cfg.vocab_size}, context {cfg.context_length}, {head})"
     )
     return 0
 

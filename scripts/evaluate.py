@@ -74,9 +74,12 @@ def load_any(model: str):
     import jaxgpt
 
     try:
-        return jaxgpt.load(model)
+        cfg, params = jaxgpt.load(model)
     except (FileNotFoundError, ValueError, ImportError) as e:  # every loader names what is wrong
         raise InputError(f"cannot load MODEL {model}: {e}") from None
+    if reason := jaxgpt.not_a_language_model(params, model):
+        raise InputError(reason)
+    return cfg, params
 
 
 def _read_inputs(args: argparse.Namespace):

@@ -125,6 +125,8 @@ def _generate(args: argparse.Namespace) -> int:
         cfg, params = jaxgpt.load(args.model, n_heads=args.n_heads)
     except (FileNotFoundError, ValueError, ImportError) as e:
         return _fail(str(e), 2)
+    if reason := jaxgpt.not_a_language_model(params, args.model):
+        return _fail(reason, 2)
     if max(prompt) >= cfg.vocab_size:
         return _fail(
             f"{args.model} has a vocabulary of {cfg.vocab_size} tokens, fewer than the GPT-2 tokenizer's; "

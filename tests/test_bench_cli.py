@@ -61,6 +61,40 @@ def test_train_with_the_loss_from_full_logits_reaches_the_same_loss():
     assert logits["final_loss"] == pytest.approx(chunked["final_loss"], rel=1e-5)
 
 
+def test_finetune_times_both_settings_against_the_books_code():
+    # Not a timing test: a tiny model through every part of the output. Both settings train what
+    # the book's code trains (the same count of trainable parameters, counted by PyTorch), and each
+    # ratio is jaxgpt's examples/s over the book's.
+    pytest.importorskip("llms_from_scratch.ch06")
+    run = _bench(
+        "finetune", "--preset", "quickstart", "--max-length", "16", "--batch-size", "2",
+        "--steps", "1", "--warmup", "1", "--ref-steps", "1", "--lora-rank", "2", "--json",
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    r = json.loads(run.stdout.strip().splitlines()[-1])
+    assert (r["preset"], r["batch_size"], r["max_length"]) == ("quickstart", 2, 16)
+    assert r["machine"].endswith(f"{len(os.sched_getaffinity(0))} cores") and r["date"].count("-") == 2
+    assert set(r["modes"]) == {"last-block", "lora"}
+    C = 128  # quickstart's width
+    block = 4 * C * C + 4 * C + (4 * C * C + 4 * C) + (4 * C * C + C) + 4 * C  # attention, ff, two norms
+    assert r["modes"]["last-block"]["trainable_params"] == block + 2 * C + C * 2 + 2
+    for mode, mine in r["modes"].items():
+        assert mine["examples_per_s"] == pytest.approx(2 / (mine["step_ms"] / 1000)), mode
+        assert mine["compile_s"] > 0 and "book" in mine["references"], mode
+        for name, ref in mine["references"].items():
+            assert ref["trainable_params"] == mine["trainable_params"], (mode, name)
+            assert ref["ratio"] == pytest.approx(mine["examples_per_s"] / ref["examples_per_s"])
+
+    text = _bench(
+        "finetune", "--preset", "quickstart", "--max-length", "16", "--batch-size", "2", "--modes", "lora",
+        "--steps", "1", "--warmup", "0", "--references", "none",
+    )  # fmt: skip
+    assert text.returncode == 0, text.stderr[-2000:]
+    lines = text.stdout.splitlines()
+    assert lines[0].startswith("fine-tuning step: quickstart, B=2, T=16, 2 classes") and " cores" in lines[0]
+    assert lines[1] == "lora" and lines[2].lstrip().startswith("jaxgpt") and "examples/s" in lines[2]
+
+
 def test_generate_json_with_a_profile_of_the_decode(tmp_path):
     # The decode benchmark on the quick-start model, with XLA's CPU ops traced: its figures agree
     # with each other, and the profile divides the traced call's op time by its decode steps.
@@ -261,6 +295,12 @@ BAD_INPUTS = [  # (arguments, what the one line must say); {tmp} is a fresh dire
     (["generate", "--temperature", "1", "--top-p", "1.5"], "--top-p must be in (0, 1]"),
     (["generate", "--preset", "gpt5"], "--preset 'gpt5' is not one of"),
     (["generate", "--profile", "{tmp}/file.txt"], "--profile {tmp}/file.txt is a file, not a directory"),
+    (["finetune", "--modes", "last-block,full"], "--modes must be a comma list of last-block, lora"),
+    (["finetune", "--max-length", "2000"], "--max-length 2000 is longer than gpt2-small's context of 1024"),
+    (["finetune", "--lora-rank", "0"], "--lora-rank: must be a positive integer"),
+    (["finetune", "--lora-alpha", "nan"], "--lora-alpha must be a positive finite number"),
+    (["finetune", "--references", "hf"], "--references: invalid choice"),
+    (["finetune", "--preset", "gpt5"], "--preset: unknown preset 'gpt5'"),
 ]
 
 

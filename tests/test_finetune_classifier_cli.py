@@ -17,7 +17,7 @@ from scripts_loader import load_script
 
 import jaxgpt
 from jaxgpt.checkpoint import CheckpointManager
-from jaxgpt.classify import classifier_logits, read_labeled_texts
+from jaxgpt.classify import classifier_logits, make_classifier_optimizer, read_labeled_texts
 from jaxgpt.config import GPTConfig
 from jaxgpt.model import init_params
 from jaxgpt.weights import save_hf_gpt2
@@ -204,3 +204,83 @@ def test_lora_run_trains_only_adapters_resumes_exactly_and_classifies(capsys, tm
 
     code, out, err = _run(capsys, "--out", whole, "--classify", "Free entry to win a prize")
     assert code == 0 and out.strip() in ("ham", "spam"), err
+
+
+def _book_classifier(cfg: GPTConfig, num_classes: int, pth: Path):
+    """The book's chapter 6 model: ``GPTModel`` with ``out_head = Linear(C, num_classes)``, loaded
+    strictly from ``pth``."""
+    torch = pytest.importorskip("torch")
+    ch04 = pytest.importorskip("llms_from_scratch.ch04")
+    keys = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "drop_rate", "qkv_bias")
+    model = ch04.GPTModel({k: getattr(cfg, k) for k in keys})
+    model.out_head = torch.nn.Linear(in_features=cfg.emb_dim, out_features=num_classes)
+    model.load_state_dict(torch.load(pth, weights_only=True))  # strict: every name and shape
+    model.eval()
+    return model
+
+
+def _book_logits(model, ids: np.ndarray) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        return model(torch.from_numpy(ids.astype(np.int64)))[:, -1, :].numpy()
+
+
+@needs_sms
+def test_a_classifier_run_loads_with_its_head_and_exports_to_the_books_model(
+    capsys, tmp_path, tiny_model, sms_head
+):
+    run = tmp_path / "run"
+    argv = ["--data", sms_head, "--max-length", 32, "--batch-size", 4, "--epochs", 1, "--lr", 1e-3]
+    code, _, err = _run(capsys, *argv, "--init-from", tiny_model, "--out", run)
+    assert code == 0, err
+    cfg, params = jaxgpt.load(run)
+    assert jaxgpt.classifier_classes(params) == 2 and params["out_head"]["kernel"].shape == (TINY.emb_dim, 2)
+    _, saved, _, _ = CheckpointManager(run, read_only=True).restore()
+    ids = np.random.default_rng(0).integers(0, 50257, (3, 20)).astype(np.int32)
+    ours = np.asarray(classifier_logits(params, cfg, ids))
+    np.testing.assert_array_equal(ours, classifier_logits(saved, cfg, ids))
+
+    pth = tmp_path / "spam.pth"
+    code, out, err = run_main(capsys, load_script("convert").main, run, pth, "--to", "book")
+    assert code == 0 and "2-class head" in out, err
+    book = _book_classifier(cfg, 2, pth)
+    np.testing.assert_allclose(_book_logits(book, ids), ours, atol=1e-5)
+    back_cfg, back = jaxgpt.load(pth, n_heads=TINY.n_heads)  # and reads back as the same classifier
+    assert jaxgpt.classifier_classes(back) == 2
+    np.testing.assert_allclose(classifier_logits(back, back_cfg, ids), ours, atol=1e-5)
+
+    code, _, err = run_main(capsys, load_script("convert").main, run, tmp_path / "hf")
+    assert code == 2 and "2-class classifier" in err and "--to book" in err, err
+    assert not (tmp_path / "hf").exists()
+    code, _, err = run_main(capsys, load_script("generate").main, run, "--prompt", "Hello")
+    assert code == 2 and "is a 2-class classifier, not a language model" in err, err
+    assert "finetune_classifier.py --out RUN --classify" in err
+
+
+@needs_sms
+def test_a_lora_run_loads_as_the_merged_model_and_exports_it(capsys, tmp_path, tiny_model, sms_head):
+    from jaxgpt.lora import merge_lora
+
+    run = tmp_path / "lora"
+    argv = ["--data", sms_head, "--max-length", 32, "--batch-size", 4, "--epochs", 1, "--lr", 1e-2]
+    code, _, err = _run(capsys, *argv, "--init-from", tiny_model, "--lora-rank", 2, "--out", run)
+    assert code == 0, err
+    cfg, params = jaxgpt.load(run)
+    mngr = CheckpointManager(run, read_only=True)
+    meta = mngr.read_meta()[1]
+    tx = make_classifier_optimizer(meta["settings"]["learning_rate"], meta["settings"]["weight_decay"])
+    state, _ = cli._restore(mngr, cfg, tx, meta["settings"], meta)
+    frozen, adapters = state.frozen, state.trainable
+    assert float(np.abs(adapters["out_head"]["B"]).max()) > 0  # the adapters did train
+    merged = merge_lora(frozen, adapters, 16.0)  # the default --lora-alpha
+    assert jax.tree.all(jax.tree.map(np.array_equal, params, merged))
+    ids = np.random.default_rng(1).integers(0, 50257, (3, 20)).astype(np.int32)
+    adapted = np.asarray(classifier_logits(frozen, cfg, ids, lora=(adapters, 16.0)))  # the book's way
+    np.testing.assert_allclose(classifier_logits(params, cfg, ids), adapted, atol=1e-5)
+    assert not np.allclose(classifier_logits(frozen, cfg, ids), adapted, atol=1e-5)
+
+    pth = tmp_path / "lora.pth"
+    code, _, err = run_main(capsys, load_script("convert").main, run, pth)
+    assert code == 0, err
+    np.testing.assert_allclose(_book_logits(_book_classifier(cfg, 2, pth), ids), adapted, atol=1e-5)

@@ -127,3 +127,62 @@ def test_lora_training_matches_the_books_step_after_step():
     for name, ours in flatten_dict(state.trainable).items():
         diff = float(np.max(np.abs(np.asarray(ours) - np.asarray(flatten_dict(after)[name]))))
         assert diff < 1e-5, f"{'/'.join(name)} differs from the book's by {diff}"
+
+
+def _dot_output_shapes(jaxpr) -> list[tuple[int, ...]]:
+    """The output shape of every matmul a jaxpr runs, nested jaxprs (scan bodies, remat) included."""
+    shapes = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            shapes.append(tuple(eqn.outvars[0].aval.shape))
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (list, tuple)) else (param,):
+                inner = getattr(sub, "jaxpr", None)
+                if inner is not None:
+                    shapes += _dot_output_shapes(getattr(inner, "jaxpr", inner))
+    return shapes
+
+
+def test_the_gradient_forms_no_frozen_kernel_gradient():
+    # The book's LinearWithLoRA only reads the frozen weight: the backward pass computes the input
+    # gradient through it and the small gradients of A and B, never a kernel-sized gradient. A
+    # kernel-sized matmul output (in, out) in the gradient's program would be exactly that waste
+    # (merging the adapters first, W + alpha * A @ B, makes one per layer and kernel).
+    from jaxgpt.classify import classification_loss
+    from jaxgpt.lora import DEFAULT_RULE
+
+    cfg = GPTConfig(vocab_size=97, context_length=16, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.0)
+    key = jax.random.PRNGKey(0)
+    params = add_classification_head(init_params(cfg, key), cfg, 2, key)
+    adapters = init_lora(params, RANK, jax.random.PRNGKey(1))
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, 97, (3, 8)), jnp.int32)
+    labels = jnp.array([0, 1, 0])
+
+    def loss(adapters):
+        logits = classifier_logits(params, cfg, ids, lora=(adapters, ALPHA))
+        return classification_loss(logits, labels)
+
+    def merged_loss(adapters):
+        return classification_loss(classifier_logits(merge_lora(params, adapters, ALPHA), cfg, ids), labels)
+
+    import re
+
+    kernels = {
+        tuple(leaf.shape[-2:])
+        for path, leaf in flatten_dict(params).items()
+        if re.fullmatch(DEFAULT_RULE, "/".join(path)) and path[0] == "trf_blocks"
+    }
+    assert kernels == {(32, 32), (32, 128), (128, 32)}
+    shapes = _dot_output_shapes(jax.make_jaxpr(jax.grad(loss))(adapters).jaxpr)
+    assert not [s for s in shapes if s[-2:] in kernels], shapes
+    # the check can fail: the merged form's gradient has them
+    merged = _dot_output_shapes(jax.make_jaxpr(jax.grad(merged_loss))(adapters).jaxpr)
+    assert [s for s in merged if s[-2:] in kernels]
+    np.testing.assert_allclose(
+        jax.grad(loss)(jax.tree.map(lambda a: a + 0.01, adapters))["trf_blocks"]["ff"]["layers_0"]["A"],
+        jax.grad(merged_loss)(jax.tree.map(lambda a: a + 0.01, adapters))["trf_blocks"]["ff"]["layers_0"][
+            "A"
+        ],
+        rtol=1e-4,
+        atol=1e-6,
+    )

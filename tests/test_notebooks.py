@@ -32,6 +32,7 @@ EXPECTED_FIGURES = {
         "ch05_top_k_top_p.png",
         "ch05_book_table.png",
     ],
+    "ch06_classification.py": ["ch06_loss.png", "ch06_accuracy.png", "ch06_confusion.png"],
     "ch07_instruction_finetuning.py": ["ch07_padded_batch.png", "ch07_losses.png", "ch07_dpo_margins.png"],
 }
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
