@@ -137,6 +137,7 @@ def test_generate_json_with_a_profile_of_the_decode(tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     r = json.loads(run.stdout.strip().splitlines()[-1])
     (mine,) = r["jaxgpt"]
+    assert r["simd"]["host"] in {name for name, _ in benchlib.SIMD_LEVELS} | {"unknown"}
     assert mine["batch_size"] == 2 and "new_ids" not in mine
     assert mine["run_s"] == pytest.approx(2 * 6 / mine["tokens_per_s"], abs=6e-4)  # run_s is rounded to ms
     prof = mine["profile"]
