@@ -20,6 +20,12 @@ thread count, the training loop of Hugging Face ``GPT2LMHeadModel`` and of the b
   * with bf16 autocast (when ``--dtype bfloat16``).
 
 Children, because the allocator environment must be set before a process starts.
+
+It also reports the host's SIMD level (AVX2, AVX-512, AVX-512-BF16, from /proc/cpuinfo) and the
+level each library runs at under the variables that cap them (``XLA_FLAGS=--xla_cpu_max_isa=AVX2``,
+``ONEDNN_MAX_CPU_ISA``, ``ATEN_CPU_CAPABILITY``, ``MKL_ENABLE_INSTRUCTIONS``), which reproduce a host
+without AVX-512 on one with it. XLA's flag does not reach YNNPACK, which runs most of XLA's matmuls,
+so under it the bench caps YNNPACK at the same level itself (``--no-cap-ynnpack`` leaves it).
 """
 
 from __future__ import annotations
@@ -363,11 +369,33 @@ def _plain_env() -> dict[str, str]:
     return env
 
 
+def _simd_before_any_matmul(args) -> dict:
+    """The host's SIMD level and each library's (:func:`benchlib.simd_report`). Under
+    ``--xla_cpu_max_isa`` at AVX2 or below, YNNPACK is first capped at the same level, unless
+    ``--no-cap-ynnpack``: the flag alone leaves XLA's matmuls on the CPU's best kernels."""
+    limit = benchlib.isa_limits().get("xla_codegen")
+    level = benchlib.simd_report(capped={"ynnpack": limit} if limit else None)["effective"]["ynnpack"]
+    host = benchlib.simd_level(benchlib.cpu_flags())
+    capped, note = None, None
+    if limit and level != host:
+        if args.no_cap_ynnpack:
+            note = "not capped (--no-cap-ynnpack)"
+        else:
+            note = benchlib.cap_ynnpack(level)
+            capped = None if note else {"ynnpack": level}
+    report = benchlib.simd_report(capped=capped)
+    if note:
+        report["ynnpack_note"] = note
+    return report
+
+
 def cmd_train(args) -> int:
     if args.threads is None:
         args.threads = os.cpu_count() or 1
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    simd = _simd_before_any_matmul(args)
     res = bench_jaxgpt_train(args)
+    res["simd"] = simd
     res["load_avg_1m_before"] = load
     res["allocator_env"] = {
         k: os.environ[k] for k in os.environ.get("JAXGPT_LAUNCHER_SET", "").split(",") if k
@@ -447,6 +475,9 @@ def _print_jaxgpt(r: dict) -> None:
     if "peak_device_mb" in r:
         print(f"  peak_device_mb     {r['peak_device_mb']:.0f}")
     print(f"  allocator env      {r.get('allocator_env') or 'default'}")
+    if "simd" in r:
+        note = f" (YNNPACK {r['simd']['ynnpack_note']})" if "ynnpack_note" in r["simd"] else ""
+        print(f"  SIMD               {benchlib.simd_line(r['simd'])}{note}")
     if "profile" in r:
         benchlib.print_profile(r["profile"])
 
@@ -533,6 +564,13 @@ def build_parser() -> benchlib.OneLineParser:
         default="none",
         choices=["none", "full", "dots"],
         help="rematerialise each block in the backward pass (default none)",
+    )
+    t.add_argument(
+        "--no-cap-ynnpack",
+        action="store_true",
+        help="under XLA_FLAGS=--xla_cpu_max_isa=AVX2 (or lower), leave YNNPACK, which runs most of XLA's "
+        "matmuls and picks its kernels from the CPU's features, uncapped (by default the bench caps it "
+        "at the same level, to reproduce a host without AVX-512)",
     )
     t.add_argument("--drop-rate", type=float, default=0.1, help="dropout rate (default 0.1, the book's)")
     t.add_argument(

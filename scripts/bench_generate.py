@@ -286,6 +286,7 @@ def run(args) -> int:
         "device": str(jax.devices()[0].device_kind),
         "cpu_count": os.cpu_count(),
         "load_average_before": [round(x, 2) for x in os.getloadavg()],
+        "simd": benchlib.simd_report(),  # the host's SIMD level, and each library's under ISA caps
         "jaxgpt": [],
         "hf": [],
     }
@@ -298,6 +299,7 @@ def run(args) -> int:
     result["weight_stream_gb_per_s"] = round(bandwidth, 2)
     result["bound_tokens_per_s_b1"] = round(bandwidth * 1e9 / weight_bytes, 1)
     if not args.json:
+        print(f"SIMD: {benchlib.simd_line(result['simd'])}")
         print(
             f"weights read per token {weight_bytes / 1e6:.0f} MB; they stream at {bandwidth:.1f} GB/s here, "
             f"so B=1 can reach at most {result['bound_tokens_per_s_b1']:.1f} tok/s",

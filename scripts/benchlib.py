@@ -182,6 +182,175 @@ def median_time(fn: Callable[[], Any], repeats: int) -> float:
     return statistics.median(times)
 
 
+# ------------------------------------------------------------------------------ SIMD level
+
+# x86 SIMD levels from the lowest, with the /proc/cpuinfo flags each needs (AVX-512: the F, BW, VL
+# and DQ subsets every AVX-512 CPU since Skylake-SP has).
+SIMD_LEVELS = (
+    ("SSE4.2", ("sse4_2",)),
+    ("AVX", ("avx",)),
+    ("AVX2", ("avx2", "fma")),
+    ("AVX-512", ("avx512f", "avx512bw", "avx512vl", "avx512dq")),
+    ("AVX-512-BF16", ("avx512_bf16",)),
+)
+# The names each library's ISA limit takes, mapped to the levels above (case-insensitive).
+_LIMIT_NAMES = {
+    "sse4_2": "SSE4.2", "sse41": "SSE4.2", "avx": "AVX", "avx2": "AVX2", "avx2_vnni": "AVX2",
+    "avx512": "AVX-512", "avx512_core": "AVX-512", "avx512_vnni": "AVX-512", "avx512_core_vnni": "AVX-512",
+    "avx512_bf16": "AVX-512-BF16", "avx512_core_bf16": "AVX-512-BF16", "default": None, "all": None,
+}  # fmt: skip
+# The libraries whose ISA the two sides' steps depend on, with a short label, and the variable that
+# caps each: XLA's fused loops (LLVM), XLA's YNNPACK dots, oneDNN (XLA's Eigen dots, some PyTorch
+# ops), PyTorch's own kernels, MKL (PyTorch's float32 matmuls). YNNPACK picks its kernels from the
+# CPU's features and no variable caps it (see :func:`cap_ynnpack` and docs/speed.md).
+SIMD_COMPONENTS = (
+    ("xla_codegen", "XLA codegen", "XLA_FLAGS=--xla_cpu_max_isa"),
+    ("ynnpack", "YNNPACK", None),
+    ("onednn", "oneDNN", "ONEDNN_MAX_CPU_ISA"),
+    ("aten", "ATen", "ATEN_CPU_CAPABILITY"),
+    ("mkl", "MKL", "MKL_ENABLE_INSTRUCTIONS"),
+)
+
+
+def cpu_flags(cpuinfo: str | None = None) -> set[str]:
+    """The CPU's feature flags from ``/proc/cpuinfo`` (its first ``flags`` line); empty if unreadable."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            return set(line.partition(":")[2].split())
+    return set()
+
+
+def simd_level(flags: set[str]) -> str:
+    """The highest of :data:`SIMD_LEVELS` whose flags (and those of every level below) ``flags`` has."""
+    level = "unknown"
+    for name, needs in SIMD_LEVELS:
+        if not set(needs) <= flags:
+            break
+        level = name
+    return level
+
+
+def _level_index(level: str | None) -> int:
+    names = [name for name, _ in SIMD_LEVELS]
+    return names.index(level) if level in names else len(names)
+
+
+def isa_limits(env: dict[str, str] | None = None) -> dict[str, str]:
+    """The ISA caps set in ``env`` (default ``os.environ``), per :data:`SIMD_COMPONENTS` name, as
+    written there (XLA's from ``--xla_cpu_max_isa=`` in ``XLA_FLAGS``)."""
+    import os
+
+    env = dict(os.environ if env is None else env)
+    limits = {}
+    match = re.search(r"--xla_cpu_max_isa=(\S+)", env.get("XLA_FLAGS", ""))
+    if match:
+        limits["xla_codegen"] = match.group(1)
+    onednn = env.get("ONEDNN_MAX_CPU_ISA") or env.get("DNNL_MAX_CPU_ISA")
+    for name, value in (
+        ("onednn", onednn),
+        ("aten", env.get("ATEN_CPU_CAPABILITY")),
+        ("mkl", env.get("MKL_ENABLE_INSTRUCTIONS")),
+    ):
+        if value:
+            limits[name] = value
+    return limits
+
+
+def simd_report(
+    flags: set[str] | None = None, env: dict[str, str] | None = None, capped: dict[str, str] | None = None
+) -> dict:
+    """The host's SIMD level and, per library of :data:`SIMD_COMPONENTS`, the level it runs at.
+
+    A library runs at the lower of the host's level and its cap: the variables of ``env`` (default
+    ``os.environ``), or ``capped`` ({library: level}) for caps applied otherwise (:func:`cap_ynnpack`).
+    """
+    host = simd_level(cpu_flags() if flags is None else flags)
+    limits = isa_limits(env)
+    effective = {}
+    for name, _, _ in SIMD_COMPONENTS:
+        cap = limits.get(name) or (capped or {}).get(name)
+        level = _LIMIT_NAMES.get(cap.lower(), cap) if cap else None
+        effective[name] = level if level and _level_index(level) < _level_index(host) else host
+    return {"host": host, "limits": {**limits, **(capped or {})}, "effective": effective}
+
+
+def simd_line(report: dict) -> str:
+    """One line for the bench's text output: the host's level, then what differs from it, per library."""
+    lowered = [
+        f"{label} {report['effective'][name]}"
+        for name, label, _ in SIMD_COMPONENTS
+        if report["effective"][name] != report["host"]
+    ]
+    line = f"host {report['host']}"
+    if lowered:
+        line += "; limited: " + ", ".join(lowered)
+    return line
+
+
+# YNNPACK keeps the features it read with cpuid in one cached word; bits 0-6 are SSE2, SSSE3, SSE4.1,
+# AVX, F16C, AVX2 and FMA3 in every version seen, the AVX-512 and AMX bits above them.
+_YNN_KEEP = {"AVX2": 0x7F, "AVX": 0x1F, "SSE4.2": 0x07}
+_YNN_SYMBOLS = ("_ZN3ynn24get_supported_arch_flagsEv", "_ZZN3ynn24get_supported_arch_flagsEvE5flags")
+
+
+def cap_ynnpack(level: str) -> str | None:
+    """Make XLA's YNNPACK dots use kernels of at most ``level`` (AVX2, AVX or SSE4.2); None when done,
+    else why not.
+
+    ``--xla_cpu_max_isa`` caps only the code XLA generates; YNNPACK, which runs most of XLA's
+    matmuls, picks its kernels from the CPU's features, read once and cached. This reads them
+    through YNNPACK's own function and clears the bits above ``level`` in the cached word, found by
+    its symbol in jaxlib's symbol table (with ``nm``). A benchmark device, to reproduce a host
+    without AVX-512 on one with it: call it before the first matmul runs.
+    """
+    import ctypes
+    import os
+    import shutil
+    import subprocess
+
+    keep = _YNN_KEEP.get(level)
+    if keep is None:
+        return f"no YNNPACK cap for {level}"
+    if not sys.platform.startswith("linux") or shutil.which("nm") is None:
+        return "needs Linux and nm (binutils)"
+    import jaxlib
+
+    lib = Path(jaxlib.__file__).parent / "libjax_common.so"
+    if not lib.is_file():
+        return f"{lib.name} not found"
+    import jax
+
+    jax.devices("cpu")  # loads the library
+    symbols = {}
+    listing = subprocess.run(["nm", str(lib)], capture_output=True, text=True).stdout
+    for line in listing.splitlines():
+        parts = line.split()
+        if len(parts) == 3 and parts[2] in _YNN_SYMBOLS:
+            symbols[parts[2]] = int(parts[0], 16)
+    if len(symbols) != len(_YNN_SYMBOLS):
+        return "YNNPACK's feature word is not in jaxlib's symbol table"
+    real, base = os.path.realpath(lib), None
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split()
+        if len(fields) >= 6 and int(fields[2], 16) == 0 and os.path.realpath(fields[5]) == real:
+            base = int(fields[0].split("-")[0], 16)
+            break
+    if base is None:
+        return f"{lib.name} is not mapped in this process"
+    read = ctypes.CFUNCTYPE(ctypes.c_uint64)(base + symbols[_YNN_SYMBOLS[0]])
+    features = read()  # fills the cache if nothing has yet
+    word = ctypes.c_uint64.from_address(base + symbols[_YNN_SYMBOLS[1]])
+    if word.value != features:
+        return "YNNPACK's feature word is not where its symbol says"
+    word.value = features & keep
+    return None
+
+
 # ------------------------------------------------------------------------------ trace summary
 
 _KERNEL_KINDS = (  # by name: cuBLAS / CUTLASS / cuDNN kernels, XLA CPU's YNNPACK / oneDNN / Eigen dots

@@ -43,6 +43,71 @@ def test_train_json_then_report_prints_the_same_result(tmp_path):
     assert shown.returncode == 0, shown.stderr
     assert shown.stdout.startswith("jaxgpt quickstart T=32 B=2 dtype=float32")
     assert f"tokens_per_s       {r['tokens_per_s']:.1f}" in shown.stdout
+    # the host's SIMD level, as /proc/cpuinfo names it, is in the result and printed with it
+    assert r["simd"]["host"] in {name for name, _ in benchlib.SIMD_LEVELS} | {"unknown"}
+    assert f"  SIMD               host {r['simd']['host']}\n" in shown.stdout
+
+
+# /proc/cpuinfo flags of a Zen 4 EPYC (AVX-512 with BF16) and of a Zen 3 EPYC (AVX2 and FMA only)
+ZEN3 = "fpu sse sse2 pni ssse3 fma sse4_1 sse4_2 avx f16c avx2 bmi2 vaes"
+ZEN4 = ZEN3 + " avx512f avx512dq avx512cd avx512bw avx512vl avx512_bf16"
+
+
+@pytest.mark.parametrize(
+    ("flags", "level"),
+    [
+        (ZEN4, "AVX-512-BF16"),
+        (ZEN4.replace(" avx512_bf16", ""), "AVX-512"),
+        (ZEN3, "AVX2"),
+        (ZEN3.replace(" fma", ""), "AVX"),  # AVX2 without FMA is not the AVX2 level
+        ("fpu sse sse2", "unknown"),
+    ],
+)
+def test_simd_level_from_cpuinfo_flags(flags, level):
+    cpuinfo = f"processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: {flags}\nbugs\t\t: sysret_ss_attrs\n"
+    assert benchlib.simd_level(benchlib.cpu_flags(cpuinfo)) == level
+
+
+def test_simd_report_gives_each_library_the_lower_of_the_host_and_its_limit():
+    env = {
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=2 --xla_cpu_max_isa=AVX2",
+        "ATEN_CPU_CAPABILITY": "avx2",
+        "ONEDNN_MAX_CPU_ISA": "AVX512_CORE",  # oneDNN's AVX-512 without BF16
+    }
+    zen4 = benchlib.simd_report(set(ZEN4.split()), env)
+    assert zen4["host"] == "AVX-512-BF16"
+    host = "AVX-512-BF16"
+    assert zen4["effective"] == {
+        "xla_codegen": "AVX2", "ynnpack": host, "onednn": "AVX-512", "aten": "AVX2", "mkl": host
+    }  # fmt: skip
+    capped = benchlib.simd_report(set(ZEN4.split()), env, capped={"ynnpack": "AVX2"})
+    assert capped["effective"]["ynnpack"] == "AVX2"
+    line = benchlib.simd_line(capped)
+    assert line.startswith(
+        "host AVX-512-BF16; limited: XLA codegen AVX2, YNNPACK AVX2, oneDNN AVX-512, ATen AVX2"
+    )
+    # a limit above an AVX2 host's level changes nothing
+    zen3 = benchlib.simd_report(set(ZEN3.split()), env)
+    assert set(zen3["effective"].values()) == {"AVX2"} and benchlib.simd_line(zen3) == "host AVX2"
+
+
+def test_train_under_an_avx2_limit_caps_xla_matmuls_too():
+    # Under --xla_cpu_max_isa=AVX2 the bench also caps YNNPACK on a host above AVX2, says so, and
+    # trains to the same loss as without the limit (other kernels, other rounding).
+    common = (
+        "train", "--preset", "quickstart", "--context-length", "32", "--batch-size", "2",
+        "--steps", "1", "--warmup", "1", "--references", "none", "--json",
+    )  # fmt: skip
+    free = _bench(*common)
+    limited = _bench(*common, XLA_FLAGS="--xla_cpu_max_isa=AVX2")
+    for run in (free, limited):
+        assert run.returncode == 0, run.stderr[-2000:]
+    free, limited = (json.loads(run.stdout.strip().splitlines()[-1]) for run in (free, limited))
+    assert limited["simd"]["limits"]["xla_codegen"] == "AVX2"
+    if free["simd"]["host"] in ("AVX-512", "AVX-512-BF16"):
+        assert limited["simd"]["effective"]["ynnpack"] == "AVX2", limited["simd"]
+        assert "ynnpack_note" not in limited["simd"]
+    assert limited["final_loss"] == pytest.approx(free["final_loss"], rel=1e-4)
 
 
 def test_train_with_the_loss_from_full_logits_reaches_the_same_loss():
@@ -106,6 +171,7 @@ def test_generate_json_with_a_profile_of_the_decode(tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     r = json.loads(run.stdout.strip().splitlines()[-1])
     (mine,) = r["jaxgpt"]
+    assert r["simd"]["host"] in {name for name, _ in benchlib.SIMD_LEVELS} | {"unknown"}
     assert mine["batch_size"] == 2 and "new_ids" not in mine
     assert mine["run_s"] == pytest.approx(2 * 6 / mine["tokens_per_s"], abs=6e-4)  # run_s is rounded to ms
     prof = mine["profile"]
