@@ -2,6 +2,7 @@
 
     python scripts/compare_classifier.py --data ../shared/data/SMSSpamCollection --json out.json
     python scripts/compare_classifier.py --data ../shared/data/SMSSpamCollection --steps 130 --epochs 5
+    python scripts/compare_classifier.py --data ../shared/data/SMSSpamCollection --init-from runs/qs
 
 The book's chapter 6 model (``llms_from_scratch.ch04.GPTModel`` with chapter 6's ``BASE_CONFIG``:
 gpt2-small, query/key/value biases, dropout 0) is built under ``torch.manual_seed(123)``, frozen
@@ -15,8 +16,12 @@ epoch takes the first ``--steps`` batches of its shuffled order; the losses are 
 ``--train-acc-batches`` training batches and the whole validation and test sets, with the book's
 ``calc_accuracy_loader`` on its side. jaxgpt runs first, then the book; wall and CPU time of each.
 
-The weights are random (the book's "from scratch" setting): the book's model as its seed gives
-it, for want of OpenAI's weights where this was written.
+By default the weights are random (the book's "from scratch" setting): the book's model as its
+seed gives it, for want of OpenAI's weights where this was written. ``--init-from`` starts instead
+from a pretrained model (anything ``jaxgpt.load`` reads, such as a run of ``scripts/train.py``):
+its weights go into the book's ``GPTModel`` built with its configuration (dropout 0), whose
+language-model head chapter 6 replaces by the classification head, so tied or untied makes no
+difference; the freezing, the seeded head and the rest are as above.
 
 Exit codes: 0 done; 2 bad input (an option, the data file, the starting weights), before any
 training; 1 a failure during training; 130 interrupted (Ctrl-C).
@@ -49,31 +54,57 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--train-acc-batches", type=positive_int, help="training batches for the final accuracy (default all)"
     )
+    p.add_argument(
+        "--init-from",
+        metavar="MODEL",
+        help="start from this pretrained language model instead of the book's random gpt2-small: a "
+        "training run, a Hugging Face directory, a book .pth, ... (anything jaxgpt.load reads)",
+    )
     p.add_argument("--json", type=Path, help="also write the results to this file")
     return p
 
 
-def _book_model():
-    """The book's chapter 6 classifier from random weights, frozen as 6.5 freezes it, and the same
-    weights imported into jaxgpt."""
+def _book_model(init_from: str | None = None):
+    """The book's chapter 6 classifier, frozen as 6.5 freezes it, and the same weights imported
+    into jaxgpt: gpt2-small from random weights, or the language model at ``init_from``."""
+    import numpy as np
     import torch
     from llms_from_scratch import ch04
 
     from jaxgpt.classify import classifier_from_book_state_dict
+    from jaxgpt.weights import book_state_dict, classifier_classes, load
 
-    base = {"vocab_size": 50257, "context_length": 1024, "drop_rate": 0.0, "qkv_bias": True}
-    base.update(emb_dim=768, n_layers=12, n_heads=12)  # gpt2-small (124M)
-    torch.manual_seed(123)
-    model = ch04.GPTModel(base)
+    if init_from is None:
+        base = {"vocab_size": 50257, "context_length": 1024, "drop_rate": 0.0, "qkv_bias": True}
+        base.update(emb_dim=768, n_layers=12, n_heads=12)  # gpt2-small (124M)
+        torch.manual_seed(123)
+        model = ch04.GPTModel(base)
+    else:
+        lm_cfg, lm_params = load(init_from)
+        if classifier_classes(lm_params) is not None:
+            raise ValueError(f"{init_from} is a classifier; expected a pretrained language model")
+        base = {
+            "vocab_size": lm_cfg.vocab_size,
+            "context_length": lm_cfg.context_length,
+            "emb_dim": lm_cfg.emb_dim,
+            "n_heads": lm_cfg.n_heads,
+            "n_layers": lm_cfg.n_layers,
+            "drop_rate": 0.0,
+            "qkv_bias": lm_cfg.qkv_bias,
+        }
+        state = book_state_dict(lm_params, lm_cfg)  # a tied model's head comes as a copy of tok_emb
+        torch.manual_seed(123)
+        model = ch04.GPTModel(base)
+        model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()})
     for param in model.parameters():
         param.requires_grad = False
     torch.manual_seed(123)
-    model.out_head = torch.nn.Linear(in_features=768, out_features=2)
+    model.out_head = torch.nn.Linear(in_features=base["emb_dim"], out_features=2)
     for param in model.trf_blocks[-1].parameters():
         param.requires_grad = True
     for param in model.final_norm.parameters():
         param.requires_grad = True
-    cfg, params = classifier_from_book_state_dict(model.state_dict(), n_heads=12)
+    cfg, params = classifier_from_book_state_dict(model.state_dict(), n_heads=base["n_heads"])
     return model, cfg.replace(drop_rate=0.0), params
 
 
@@ -169,12 +200,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         data = classify.read_labeled_texts(args.data)
         train, val, test = classify.random_split(classify.balance_classes(data, 123), 0.7, 0.1, 123)
+    except (classify.ClassifyDataError, FileNotFoundError, ValueError) as e:
+        print(f"{PROG}: {e}", file=sys.stderr)
+        return 2
+    try:
+        model, cfg, params = _book_model(args.init_from)
+    except (FileNotFoundError, ValueError, ImportError) as e:
+        print(f"{PROG}: --init-from: {e}", file=sys.stderr)
+        return 2
+    try:
         tokenizer = get_tokenizer()
-        train_ds = classify.make_dataset(train, tokenizer, context_length=1024, where=str(args.data))
+        where = str(args.data)
+        train_ds = classify.make_dataset(train, tokenizer, context_length=cfg.context_length, where=where)
         val_ds = classify.make_dataset(val, tokenizer, train_ds.max_length)
         test_ds = classify.make_dataset(test, tokenizer, train_ds.max_length)
-        model, cfg, params = _book_model()
-    except (classify.ClassifyDataError, FileNotFoundError, ValueError) as e:
+    except (classify.ClassifyDataError, ValueError) as e:
         print(f"{PROG}: {e}", file=sys.stderr)
         return 2
     loader = classify.ClassificationLoader(train_ds, 8, shuffle=True, drop_last=True, seed=123)
@@ -185,7 +225,13 @@ def main(argv: list[str] | None = None) -> int:
         "test": list(classify.ClassificationLoader(test_ds, 8).iter_epoch(0)),
     }
     settings = {
-        "init": "random: the book's GPTModel under torch.manual_seed(123)",
+        "init": f"pretrained: {args.init_from}"
+        if args.init_from
+        else "random: the book's GPTModel under torch.manual_seed(123)",
+        "model": {
+            k: getattr(cfg, k)
+            for k in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "qkv_bias")
+        },
         "epochs": args.epochs,
         "steps_per_epoch": len(plan["epochs"][0]),
         "batch_size": 8,
