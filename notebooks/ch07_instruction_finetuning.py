@@ -204,7 +204,7 @@ tcfg = jt.TrainConfig(
     learning_rate=5e-5 if not QUICK else 1e-3,  # a tiny random model needs a larger step
     weight_decay=0.1,
     batch_size=8,
-    num_epochs=epochs if not QUICK else 4,
+    num_epochs=epochs if not QUICK else 3,
     eval_freq=5,
     eval_iter=5,
     start_context=ins.format_input(val_data[0]),
@@ -271,7 +271,7 @@ print(f"loss of the reference answers: {response_loss_before:.3f} before, {respo
 assert response_loss_after < response_loss_before
 
 # %% [markdown]
-# ## Preference tuning with DPO
+# ## 7.9 What comes next: preference tuning with DPO (the book's bonus notebook)
 #
 # DPO starts from the instruction-tuned model and a frozen copy of it, the *reference*. For each
 # entry it raises the policy's log-probability of the `chosen` answer and lowers that of the
@@ -303,7 +303,7 @@ dpo_state, _, dpo_records = dpo.train_dpo(
     dpo_train,
     dpo_val,
     beta=0.1,
-    num_epochs=1 if not QUICK else 3,
+    num_epochs=1 if not QUICK else 2,
     eval_freq=2 if QUICK else 5,
     eval_iter=2 if QUICK else 5,
 )
