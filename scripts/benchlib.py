@@ -77,6 +77,32 @@ def number(kind: type, low: float, high: float | None = None, low_open: bool = F
     return parse
 
 
+class InputError(Exception):
+    """Bad input found before any work: the tool exits with code 2 and this message."""
+
+
+def load_start_model(args: argparse.Namespace):
+    """(cfg, params) of a fine-tuning tool's starting weights: ``--preset`` drawn with ``--seed``
+    under ``--from-scratch``, else whatever ``jaxgpt.load`` reads at ``--init-from``; dropout set
+    to ``--drop-rate``. Raises InputError naming the flag."""
+    import jax
+
+    import jaxgpt
+
+    if args.from_scratch:
+        try:
+            cfg = jaxgpt.get_config(args.preset)
+        except ValueError as e:
+            raise InputError(f"--preset: {e}") from None
+        cfg = cfg.replace(drop_rate=args.drop_rate)
+        return cfg, jaxgpt.init_params(cfg, jax.random.PRNGKey(args.seed))
+    try:
+        cfg, params = jaxgpt.load(args.init_from)
+    except (FileNotFoundError, ValueError, ImportError) as e:
+        raise InputError(f"--init-from {args.init_from}: {e}") from None
+    return cfg.replace(drop_rate=args.drop_rate), params
+
+
 def doc_parser(prog: str, doc: str, cls: type = argparse.ArgumentParser) -> argparse.ArgumentParser:
     """A ``cls`` parser for a script: the description is its docstring's first paragraph, and the
     epilog the paragraphs after the usage examples (what it reads, exit codes)."""

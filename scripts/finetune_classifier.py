@@ -37,7 +37,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from benchlib import doc_parser, run_cli  # scripts/ is on sys.path when a script runs
+from benchlib import (  # scripts/ is on sys.path when a script runs
+    InputError,
+    doc_parser,
+    load_start_model,
+    run_cli,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run from a checkout without installing
@@ -45,10 +50,6 @@ if str(ROOT) not in sys.path:  # run from a checkout without installing
 
 PROG = "finetune_classifier.py"
 FORMAT = "jaxgpt-classifier-1"
-
-
-class InputError(Exception):
-    """Bad input found before any training: exit code 2 with this message."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -118,26 +119,6 @@ def _check_options(args: argparse.Namespace) -> None:
         raise InputError("give the starting weights: --init-from MODEL or --from-scratch (with --preset)")
 
 
-def _load_model(args: argparse.Namespace):
-    """(cfg, params) of the starting weights, dropout set to --drop-rate."""
-    import jax
-
-    import jaxgpt
-
-    if args.from_scratch:
-        try:
-            cfg = jaxgpt.get_config(args.preset)
-        except ValueError as e:
-            raise InputError(f"--preset: {e}") from None
-        cfg = cfg.replace(drop_rate=args.drop_rate)
-        return cfg, jaxgpt.init_params(cfg, jax.random.PRNGKey(args.seed))
-    try:
-        cfg, params = jaxgpt.load(args.init_from)
-    except (FileNotFoundError, ValueError, ImportError) as e:
-        raise InputError(f"--init-from {args.init_from}: {e}") from None
-    return cfg.replace(drop_rate=args.drop_rate), params
-
-
 def _read_meta(out: Path) -> dict[str, Any]:
     from jaxgpt.checkpoint import CheckpointError, CheckpointManager
 
@@ -185,7 +166,7 @@ def _prepare(args: argparse.Namespace) -> dict[str, Any]:
         cfg = GPTConfig.from_dict(meta["model_config"])
         params = None
     else:
-        cfg, params = _load_model(args)
+        cfg, params = load_start_model(args)
     if cfg.vocab_size < 50257:
         raise InputError(
             f"the model knows {cfg.vocab_size} token ids, but GPT-2's tokenizer and padding token need 50257"

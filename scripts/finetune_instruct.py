@@ -49,7 +49,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchlib import HintParser, doc_parser, run_cli  # scripts/ is on sys.path when a script runs
+from benchlib import (  # scripts/ is on sys.path when a script runs
+    HintParser,
+    InputError,
+    doc_parser,
+    load_start_model,
+    run_cli,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run from a checkout without installing
@@ -63,10 +69,6 @@ BOOK_DATA_URL = (
     "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/01_main-chapter-code/"
     "instruction-data.json"
 )
-
-
-class InputError(Exception):
-    """Bad input found before any training: exit code 2 with this message."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -169,26 +171,6 @@ def _read_meta(out: Path) -> dict[str, Any]:
     return meta
 
 
-def _load_model(args: argparse.Namespace):
-    """(cfg, params) of the starting weights, dropout set to --drop-rate."""
-    import jax
-
-    import jaxgpt
-
-    if args.from_scratch:
-        try:
-            cfg = jaxgpt.get_config(args.preset)
-        except ValueError as e:
-            raise InputError(f"--preset: {e}") from None
-        cfg = cfg.replace(drop_rate=args.drop_rate)
-        return cfg, jaxgpt.init_params(cfg, jax.random.PRNGKey(args.seed))
-    try:
-        cfg, params = jaxgpt.load(args.init_from)
-    except (FileNotFoundError, ValueError, ImportError) as e:
-        raise InputError(f"--init-from {args.init_from}: {e}") from None
-    return cfg.replace(drop_rate=args.drop_rate), params
-
-
 def _prepare(args: argparse.Namespace) -> dict[str, Any]:
     """Everything the run needs, checked: settings, data, judge, model. Raises InputError."""
     from jaxgpt.config import GPTConfig
@@ -222,7 +204,7 @@ def _prepare(args: argparse.Namespace) -> dict[str, Any]:
     if meta:
         cfg, params = GPTConfig.from_dict(meta["model_config"]), None
     else:
-        cfg, params = _load_model(args)
+        cfg, params = load_start_model(args)
     if cfg.vocab_size < 50257:
         raise InputError(
             f"the model knows {cfg.vocab_size} token ids, but GPT-2's tokenizer and end-of-text need 50257"
