@@ -18,10 +18,13 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import re
 import resource
+import signal
 import statistics
 import sys
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -101,6 +104,34 @@ def load_start_model(args: argparse.Namespace):
     except (FileNotFoundError, ValueError, ImportError) as e:
         raise InputError(f"--init-from {args.init_from}: {e}") from None
     return cfg.replace(drop_rate=args.drop_rate), params
+
+
+def exit_on_interrupt(prog: str, lead: str = "") -> None:
+    """Make Ctrl-C end a tool that writes no file at once, with exit 130 and one line, even while
+    its main thread waits in a compiled decode (which runs no Python signal handler until it
+    ends): SIGINT is blocked in this thread and every later one, and one waiting thread takes it.
+    ``lead`` goes before the line (a newline, to leave a half-printed reply). POSIX only; elsewhere
+    Ctrl-C stays the main thread's KeyboardInterrupt."""
+    if not hasattr(signal, "pthread_sigmask"):
+        return
+
+    def wait() -> None:
+        signal.sigwait({signal.SIGINT})
+        os.write(2, f"{lead}{prog}: interrupted (Ctrl-C)\n".encode())
+        os._exit(130)
+
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    threading.Thread(target=wait, name="ctrl-c", daemon=True).start()
+
+
+def use_compilation_cache() -> None:
+    """Keep compiled programs on disk (jaxgpt's persistent XLA cache), so a second run of the same
+    shapes loads them instead of compiling; nothing happens where jaxgpt cannot be imported."""
+    try:
+        from jaxgpt.xla import enable_compilation_cache
+    except ImportError:
+        return
+    enable_compilation_cache()
 
 
 def doc_parser(prog: str, doc: str, cls: type = argparse.ArgumentParser) -> argparse.ArgumentParser:

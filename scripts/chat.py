@@ -24,13 +24,11 @@ interrupted (Ctrl-C).
 from __future__ import annotations
 
 import argparse
-import os
-import signal
 import sys
-import threading
 from pathlib import Path
 
-from benchlib import HintParser, doc_parser, number, run_cli  # scripts/ is on sys.path when a script runs
+# scripts/ is on sys.path when a script runs
+from benchlib import HintParser, doc_parser, exit_on_interrupt, number, run_cli, use_compilation_cache
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run from a checkout without installing
@@ -200,27 +198,7 @@ def main(argv: list[str] | None = None, stdin=None, stdout=None) -> int:
         return _fail("interrupted (Ctrl-C)", 130)
 
 
-def _exit_on_interrupt() -> None:
-    """Make Ctrl-C end chat.py at once with exit 130 and one line, even while the main thread waits
-    in a compiled decode (which runs no Python signal handler until it ends). SIGINT is blocked in
-    this thread and every later one, and one waiting thread takes it; chat.py writes no file."""
-
-    def wait() -> None:
-        signal.sigwait({signal.SIGINT})
-        os.write(2, f"\n{PROG}: interrupted (Ctrl-C)\n".encode())
-        os._exit(130)
-
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-    threading.Thread(target=wait, name="ctrl-c", daemon=True).start()
-
-
 if __name__ == "__main__":
-    if hasattr(signal, "pthread_sigmask"):  # POSIX; elsewhere Ctrl-C is main's KeyboardInterrupt
-        _exit_on_interrupt()
-    try:
-        from jaxgpt.xla import enable_compilation_cache
-    except ImportError:
-        pass
-    else:
-        enable_compilation_cache()  # each prompt length compiles once, then loads from disk
+    exit_on_interrupt(PROG, lead="\n")
+    use_compilation_cache()  # each prompt length compiles once, then loads from disk
     run_cli(PROG, main)

@@ -37,12 +37,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from benchlib import (  # scripts/ is on sys.path when a script runs
-    InputError,
-    doc_parser,
-    load_start_model,
-    run_cli,
-)
+# scripts/ is on sys.path when a script runs
+from benchlib import InputError, doc_parser, load_start_model, run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run from a checkout without installing

@@ -49,13 +49,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchlib import (  # scripts/ is on sys.path when a script runs
-    HintParser,
-    InputError,
-    doc_parser,
-    load_start_model,
-    run_cli,
-)
+# scripts/ is on sys.path when a script runs
+from benchlib import HintParser, InputError, doc_parser, load_start_model, run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run from a checkout without installing

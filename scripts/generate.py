@@ -25,13 +25,11 @@ JAXGPT_NO_COMPILE_CACHE=1 turns it off.
 from __future__ import annotations
 
 import argparse
-import os
-import signal
 import sys
-import threading
 from pathlib import Path
 
-from benchlib import HintParser, doc_parser, number  # scripts/ is on sys.path when a script runs
+# scripts/ is on sys.path when a script runs
+from benchlib import HintParser, doc_parser, exit_on_interrupt, number, use_compilation_cache
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run from a checkout without installing
@@ -178,28 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         return _fail("interrupted (Ctrl-C)", 130)
 
 
-def _exit_on_interrupt() -> None:
-    """Make Ctrl-C stop generate.py at once with exit 130 and one line, whatever the main thread is
-    doing: blocked in the compiled decode loop, it would not run a Python signal handler until
-    the loop ends. SIGINT is blocked in this thread and in every thread started later, and one
-    waiting thread takes it. generate.py writes no file, so there is nothing to clean up."""
-
-    def wait() -> None:
-        signal.sigwait({signal.SIGINT})
-        os.write(2, f"{PROG}: interrupted (Ctrl-C)\n".encode())
-        os._exit(130)
-
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-    threading.Thread(target=wait, name="ctrl-c", daemon=True).start()
-
-
 if __name__ == "__main__":
-    if hasattr(signal, "pthread_sigmask"):  # POSIX; elsewhere Ctrl-C is main's KeyboardInterrupt
-        _exit_on_interrupt()
-    try:
-        from jaxgpt.xla import enable_compilation_cache
-    except ImportError:
-        pass
-    else:
-        enable_compilation_cache()  # the decode loop compiles once per shape, then loads from disk
+    exit_on_interrupt(PROG)
+    use_compilation_cache()  # the decode loop compiles once per shape, then loads from disk
     sys.exit(main())
