@@ -7,21 +7,17 @@ copied from ../shared/data; the tests that need it skip where it is absent.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
-from cli_helpers import run_main
+from cli_helpers import SHARED_DATA, first_lines, run_main, save_tiny_model
 from scripts_loader import load_script
 
 from jaxgpt.config import GPTConfig
-from jaxgpt.model import init_params
-from jaxgpt.weights import save_hf_gpt2
 
 pytest.importorskip("llms_from_scratch.ch06")
 cli = load_script("compare_classifier")
-SMS = Path(__file__).resolve().parents[2] / "shared" / "data" / "SMSSpamCollection"
+SMS = SHARED_DATA / "SMSSpamCollection"
 needs_sms = pytest.mark.skipif(not SMS.is_file(), reason="the SMS Spam Collection copy is not here")
 # tied embeddings, as GPT-2 and jaxgpt's presets have them: the book's GPTModel has an untied head
 TINY = GPTConfig(context_length=64, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.0)
@@ -29,19 +25,13 @@ TINY = GPTConfig(context_length=64, emb_dim=32, n_heads=4, n_layers=2, drop_rate
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    path = tmp_path_factory.mktemp("model") / "tiny"
-    save_hf_gpt2(TINY, init_params(TINY, jax.random.PRNGKey(0)), path)
-    return path
+    return save_tiny_model(tmp_path_factory, TINY)
 
 
 @pytest.fixture(scope="module")
 def sms_head(tmp_path_factory):
     """The first 120 SMS messages: 26 / 3 / 9 examples after balancing and the split."""
-    path = tmp_path_factory.mktemp("data") / "sms_head.tsv"
-    path.write_text(
-        "".join(SMS.read_text(encoding="utf-8").splitlines(keepends=True)[:120]), encoding="utf-8"
-    )
-    return path
+    return first_lines(tmp_path_factory, SMS, 120, "sms_head.tsv")
 
 
 def test_book_model_holds_the_saved_weights(tiny_model):

@@ -12,38 +12,30 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from cli_helpers import help_text, run_main
+from cli_helpers import SHARED_DATA, first_lines, help_text, run_main, save_tiny_model
 from scripts_loader import load_script
 
 import jaxgpt
 from jaxgpt.checkpoint import CheckpointManager
 from jaxgpt.classify import classifier_logits, make_classifier_optimizer, read_labeled_texts
 from jaxgpt.config import GPTConfig
-from jaxgpt.model import init_params
-from jaxgpt.weights import save_hf_gpt2
 
 cli = load_script("finetune_classifier")
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
-SMS = Path(__file__).resolve().parents[2] / "shared" / "data" / "SMSSpamCollection"
+SMS = SHARED_DATA / "SMSSpamCollection"
 needs_sms = pytest.mark.skipif(not SMS.is_file(), reason="the SMS Spam Collection copy is not here")
 TINY = GPTConfig(context_length=64, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.0)  # GPT-2's 50257 ids
 
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    path = tmp_path_factory.mktemp("model") / "tiny"
-    save_hf_gpt2(TINY, init_params(TINY, jax.random.PRNGKey(0)), path)
-    return path
+    return save_tiny_model(tmp_path_factory, TINY)
 
 
 @pytest.fixture(scope="module")
 def sms_head(tmp_path_factory):
     """The first 120 SMS messages (101 ham, 19 spam): 38 after balancing, 26 / 3 / 9 after the split."""
-    path = tmp_path_factory.mktemp("data") / "sms_head.tsv"
-    path.write_text(
-        "".join(SMS.read_text(encoding="utf-8").splitlines(keepends=True)[:120]), encoding="utf-8"
-    )
-    return path
+    return first_lines(tmp_path_factory, SMS, 120, "sms_head.tsv")
 
 
 def _run(capsys, *argv):

@@ -15,25 +15,21 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from cli_helpers import help_text, run_main
+from cli_helpers import SHARED_DATA, help_text, run_main, save_tiny_model
 from scripts_loader import load_script
 
 import jaxgpt
 from jaxgpt.config import GPTConfig
-from jaxgpt.model import init_params
-from jaxgpt.weights import save_hf_gpt2
 
 cli = load_script("finetune_dpo")
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "instruction-data-with-preference.json"
+DATA = SHARED_DATA / "instruction-data-with-preference.json"
 needs_data = pytest.mark.skipif(not DATA.is_file(), reason="the preference file copy is not here")
 TINY = GPTConfig(context_length=96, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.0)  # GPT-2's 50257 ids
 
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    path = tmp_path_factory.mktemp("model") / "tiny"
-    save_hf_gpt2(TINY, init_params(TINY, jax.random.PRNGKey(0)), path)
-    return path
+    return save_tiny_model(tmp_path_factory, TINY)
 
 
 @pytest.fixture(scope="module")

@@ -17,16 +17,14 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from cli_helpers import help_text, run_main
+from cli_helpers import SHARED_DATA, help_text, run_main, save_tiny_model
 from scripts_loader import load_script
 
 from jaxgpt.checkpoint import load_checkpoint
 from jaxgpt.config import GPTConfig
-from jaxgpt.model import init_params
-from jaxgpt.weights import save_hf_gpt2
 
 cli = load_script("finetune_instruct")
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "instruction-data.json"
+DATA = SHARED_DATA / "instruction-data.json"
 TINY = GPTConfig(context_length=96, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.0)  # GPT-2's 50257 ids
 # 30 entries: 25 train (6 steps of 4 per epoch), 3 test, 2 validation
 FAST = ["--limit", 30, "--batch-size", 4, "--eval-freq", 4, "--eval-iter", 1, "--sample-tokens", 3,
@@ -35,9 +33,7 @@ FAST = ["--limit", 30, "--batch-size", 4, "--eval-freq", 4, "--eval-iter", 1, "-
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    path = tmp_path_factory.mktemp("model") / "tiny"
-    save_hf_gpt2(TINY, init_params(TINY, jax.random.PRNGKey(0)), path)
-    return path
+    return save_tiny_model(tmp_path_factory, TINY)
 
 
 @pytest.fixture(scope="module")
