@@ -222,6 +222,7 @@ def _book_logits(model, ids: np.ndarray) -> np.ndarray:
 def test_a_classifier_run_loads_with_its_head_and_exports_to_the_books_model(
     capsys, tmp_path, tiny_model, sms_head
 ):
+    pytest.importorskip("torch", reason="exports to the book's .pth: needs the reference extra")
     run = tmp_path / "run"
     argv = ["--data", sms_head, "--max-length", 32, "--batch-size", 4, "--epochs", 1, "--lr", 1e-3]
     code, _, err = _run(capsys, *argv, "--init-from", tiny_model, "--out", run)
@@ -252,6 +253,7 @@ def test_a_classifier_run_loads_with_its_head_and_exports_to_the_books_model(
 
 @needs_sms
 def test_a_lora_run_loads_as_the_merged_model_and_exports_it(capsys, tmp_path, tiny_model, sms_head):
+    pytest.importorskip("torch", reason="exports to the book's .pth: needs the reference extra")
     from jaxgpt.lora import merge_lora
 
     run = tmp_path / "lora"

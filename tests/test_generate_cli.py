@@ -212,7 +212,12 @@ BAD_INPUTS = [
     ("run_without_checkpoints", [], r"unsaved is neither .*config\.json but neither model\.safetensors"),
     ("damaged_checkpoint", [], r"cannot load .*damaged as a training checkpoint: .*step 1"),
     ("nan_checkpoint", [], r"nan.*(holds \d+ NaN values|non-finite)"),
-    ("random_pth", ["--n-heads", "2"], r"random\.pth as a book \.pth file: torch\.load cannot read"),
+    # without torch (no reference extra) any .pth is refused by name, with the extra to install
+    (
+        "random_pth",
+        ["--n-heads", "2"],
+        r"random\.pth (as a book \.pth file: torch\.load cannot read|needs torch)",
+    ),
     ("dict_of_lists_pth", ["--n-heads", "2"], r"lists\.pth"),
     ("bert_dir", [], r"bert as a Hugging Face directory: .*model_type is 'bert'"),
     ("broken_json", [], r"broken_json/config\.json is not a readable JSON file"),
