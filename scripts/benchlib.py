@@ -134,6 +134,29 @@ def use_compilation_cache() -> None:
     enable_compilation_cache()
 
 
+def add_sampling_args(p: argparse.ArgumentParser, temperature: float, top_k_help: str) -> None:
+    """The sampling flags generate.py and chat.py share: --temperature (default ``temperature``),
+    --top-k, --top-p and --seed, each checked by :func:`number` as it is parsed."""
+    p.add_argument(
+        "--temperature",
+        type=number(float, 0.0),
+        default=temperature,
+        help="0 = greedy; > 0 samples from softmax(logits / temperature) (default: %(default)s)",
+    )
+    p.add_argument("--top-k", type=number(int, 1), help=top_k_help)
+    p.add_argument(
+        "--top-p",
+        type=number(float, 0.0, 1.0, low_open=True),
+        help="sample only from the nucleus of this probability mass, in (0, 1]",
+    )
+    p.add_argument(
+        "--seed",
+        type=number(int, 0, 2**32 - 1),
+        default=123,
+        help="seed of the sampling key (default: %(default)s)",
+    )
+
+
 def doc_parser(prog: str, doc: str, cls: type = argparse.ArgumentParser) -> argparse.ArgumentParser:
     """A ``cls`` parser for a script: the description is its docstring's first paragraph, and the
     epilog the paragraphs after the usage examples (what it reads, exit codes)."""

@@ -28,7 +28,15 @@ import sys
 from pathlib import Path
 
 # scripts/ is on sys.path when a script runs
-from benchlib import HintParser, doc_parser, exit_on_interrupt, number, run_cli, use_compilation_cache
+from benchlib import (
+    HintParser,
+    add_sampling_args,
+    doc_parser,
+    exit_on_interrupt,
+    number,
+    run_cli,
+    use_compilation_cache,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run from a checkout without installing
@@ -66,24 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=256,
         help="most tokens per reply (default: %(default)s)",
     )
-    p.add_argument(
-        "--temperature",
-        type=number(float, 0.0),
-        default=0.0,
-        help="0 = greedy; > 0 samples from softmax(logits / temperature) (default: %(default)s)",
-    )
-    p.add_argument("--top-k", type=number(int, 1), help="sample only among the k most likely tokens")
-    p.add_argument(
-        "--top-p",
-        type=number(float, 0.0, 1.0, low_open=True),
-        help="sample only from the nucleus of this mass",
-    )
-    p.add_argument(
-        "--seed",
-        type=number(int, 0, 2**32 - 1),
-        default=123,
-        help="seed of the sampling key (default: %(default)s)",
-    )
+    add_sampling_args(p, 0.0, "sample only among the k most likely tokens")
     p.add_argument(
         "--n-heads", type=number(int, 1), help="attention heads of a book .pth whose width matches no preset"
     )

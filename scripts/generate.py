@@ -29,7 +29,14 @@ import sys
 from pathlib import Path
 
 # scripts/ is on sys.path when a script runs
-from benchlib import HintParser, doc_parser, exit_on_interrupt, number, use_compilation_cache
+from benchlib import (
+    HintParser,
+    add_sampling_args,
+    doc_parser,
+    exit_on_interrupt,
+    number,
+    use_compilation_cache,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run from a checkout without installing
@@ -50,27 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-new-tokens", type=number(int, 0), default=50, help="tokens to generate (default: %(default)s)"
     )
-    p.add_argument(
-        "--temperature",
-        type=number(float, 0.0),
-        default=1.0,
-        help="0 = greedy; > 0 samples from softmax(logits / temperature) (default: %(default)s)",
-    )
-    p.add_argument(
-        "--top-k",
-        type=number(int, 1),
-        help=f"sample only among the k most likely tokens (default when sampling: {DEFAULT_TOP_K})",
-    )
-    p.add_argument(
-        "--top-p",
-        type=number(float, 0.0, 1.0, low_open=True),
-        help="sample only from the nucleus of this probability mass, in (0, 1]",
-    )
-    p.add_argument(
-        "--seed",
-        type=number(int, 0, 2**32 - 1),
-        default=123,
-        help="seed of the sampling key (default: %(default)s)",
+    add_sampling_args(
+        p, 1.0, f"sample only among the k most likely tokens (default when sampling: {DEFAULT_TOP_K})"
     )
     p.add_argument("--stream", action="store_true", help="print tokens as they are produced")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at <|endoftext|>")
