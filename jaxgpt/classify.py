@@ -22,8 +22,9 @@ the forward pass runs the frozen blocks and then the trainable ones as two scans
 gradient is taken with respect to the trainable tree only: no backward pass runs through the
 frozen part and the optimizer state covers only what trains.
 
-The model file is untouched: the classifier runs the model's own ``TransformerBlock`` and
-``LayerNorm`` and applies its head to the last token's hidden state.
+The classifier runs the model's own ``TransformerBlock`` and ``LayerNorm`` and applies its head
+to the last token's hidden state. Only that row is read, so the final block runs with
+``last_token=True``: keys and values from every token, the rest of the block for one row.
 """
 
 from __future__ import annotations
@@ -405,8 +406,11 @@ def _lora_interceptor(adapters: Params, alpha: float) -> Callable[..., Any]:
         if ab is None:
             return y
         x = args[0]  # (..., in)
-        lora = alpha * (x @ ab["A"].astype(x.dtype) @ ab["B"].astype(x.dtype))  # (..., out)
-        return y + lora.astype(y.dtype)
+        # as (N, in) rows: on 3-D x, XLA's CPU layouts copy the (B, T, out) gradient transposed
+        # to contract it for B's gradient (15% of the step at the book's shapes)
+        rows = x.reshape(-1, x.shape[-1])  # (N, in)
+        lora = alpha * (rows @ ab["A"].astype(x.dtype) @ ab["B"].astype(x.dtype))  # (N, out)
+        return y + lora.reshape(y.shape).astype(y.dtype)
 
     return interceptor
 
@@ -419,26 +423,36 @@ def _run_blocks(
     deterministic: bool,
     key: Array | None,
     lora: tuple[Params, float] | None = None,
+    last_token: bool = False,
 ) -> Array:
     """x (B, T, C) through the blocks whose params are stacked on axis 0 (layers first_layer, ...);
-    ``lora`` = (adapters stacked the same way, alpha) adds the adapters' term to each linear."""
+    ``lora`` = (adapters stacked the same way, alpha) adds the adapters' term to each linear.
+
+    ``last_token=True`` runs the final block for the last token's row only and returns (B, 1, C):
+    its keys and values still come from every token, but its queries, output projection and
+    feed-forward layers, 5/6 of the block's matmuls, run on one row instead of T.
+    """
+
+    def block(x: Array, i: Array, p: Params, ab: Params | None, last: bool = False) -> Array:
+        rngs = None if deterministic else {"dropout": jax.random.fold_in(key, i)}
+        apply = functools.partial(TransformerBlock(cfg, deterministic).apply, {"params": p}, rngs=rngs)
+        if ab is None:
+            return apply(x, None, None, None, last)[0]
+        with nn.intercept_methods(_lora_interceptor(ab, lora[1])):
+            return apply(x, None, None, None, last)[0]
 
     def body(x: Array, layer: tuple[Array, Params, Params | None]) -> tuple[Array, None]:
-        i, p, ab = layer
-        rngs = None if deterministic else {"dropout": jax.random.fold_in(key, i)}
-        block = TransformerBlock(cfg, deterministic)
-        if ab is None:
-            x, _ = block.apply({"params": p}, x, None, None, None, rngs=rngs)
-        else:
-            with nn.intercept_methods(_lora_interceptor(ab, lora[1])):
-                x, _ = block.apply({"params": p}, x, None, None, None, rngs=rngs)
-        return x, None
+        return block(x, *layer), None
 
     if cfg.remat != "none":
         body = jax.checkpoint(body, policy=_REMAT[cfg.remat], prevent_cse=False)
     n = jax.tree.leaves(stacked)[0].shape[0]
-    ab = None if lora is None else lora[0]
-    x, _ = jax.lax.scan(body, x, (first_layer + jnp.arange(n), stacked, ab), unroll=cfg.scan_unroll)
+    layers = (first_layer + jnp.arange(n), stacked, None if lora is None else lora[0])
+    n_scanned = n - 1 if last_token else n
+    if n_scanned:
+        x, _ = jax.lax.scan(body, x, jax.tree.map(lambda a: a[:n_scanned], layers), unroll=cfg.scan_unroll)
+    if last_token:
+        x = block(x, *jax.tree.map(lambda a: a[-1], layers), last=True)
     return x
 
 
@@ -482,14 +496,15 @@ def classifier_logits(
         keep = 1.0 - cfg.drop_rate
         mask = keep_mask(jax.random.fold_in(dropout_key, cfg.n_layers), x.shape, keep)  # GPTModel's drop_emb
         x = jnp.where(mask, x / keep, 0.0)
+    trees = [tree["trf_blocks"] for tree in (frozen, params) if "trf_blocks" in tree]  # frozen first
+    layers = sum(jax.tree.leaves(tree)[0].shape[0] for tree in trees)
+    if layers != cfg.n_layers:
+        raise ValueError(f"the params hold {layers} transformer blocks, the config {cfg.n_layers}")
+    block_lora = None if "trf_blocks" not in adapters else (adapters["trf_blocks"], lora[1])
     layer = 0
-    for tree in (frozen, params):  # frozen blocks are the first ones
-        if "trf_blocks" in tree:
-            block_lora = None if "trf_blocks" not in adapters else (adapters["trf_blocks"], lora[1])
-            x = _run_blocks(cfg, tree["trf_blocks"], x, layer, deterministic, dropout_key, block_lora)
-            layer += jax.tree.leaves(tree["trf_blocks"])[0].shape[0]
-    if layer != cfg.n_layers:
-        raise ValueError(f"the params hold {layer} transformer blocks, the config {cfg.n_layers}")
+    for i, tree in enumerate(trees):  # the last block computes only the last token's row
+        x = _run_blocks(cfg, tree, x, layer, deterministic, dropout_key, block_lora, i == len(trees) - 1)
+        layer += jax.tree.leaves(tree)[0].shape[0]
     x = x[:, -1, :]  # (B, C): the last token, which has seen the whole text
     x = LayerNorm(cfg.emb_dim).apply({"params": part("final_norm")}, x)  # (B, C)
     head = part(HEAD)

@@ -82,23 +82,31 @@ class MultiHeadAttention(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x: Array, mask: Array | None, kv: KVCache | None = None, index: Array | None = None
+        self,
+        x: Array,
+        mask: Array | None,
+        kv: KVCache | None = None,
+        index: Array | None = None,
+        last_token: bool = False,
     ) -> tuple[Array, KVCache | None]:
         """x (B, T, C); mask (B or 1, 1, T, S) True where a query may attend a key (None: causal, S = T).
 
         With a cache, ``kv`` holds this layer's keys and values, each (B * n_heads, S, head_dim);
         this call's keys and values are written at slot ``index`` and the updated cache returned.
+        ``last_token=True`` (causal, no cache) returns only the last token's row (B, 1, C): every
+        token's key and value, but one query, for a classifier that reads the last token alone.
         """
         cfg = self.cfg
         B, T, C = x.shape
         n_heads, head_dim = cfg.n_heads, cfg.head_dim
+        T_q = 1 if last_token else T  # query rows
 
         # Three matmuls, as in the book: fusing them into one (C, 3C) matmul measured slower on CPU,
         # and XLA's GPU compiler merges matmuls that share an input by itself.
         W_query = Linear(cfg, C, cfg.qkv_bias, rows=self.decode, name="W_query")
         W_key = Linear(cfg, C, cfg.qkv_bias, rows=self.decode, name="W_key")
         W_value = Linear(cfg, C, cfg.qkv_bias, rows=self.decode, name="W_value")
-        queries = W_query(x).reshape(B, T, n_heads, head_dim)  # (B, T, n_heads, head_dim)
+        queries = W_query(x[:, -T_q:]).reshape(B, T_q, n_heads, head_dim)  # (B, T_q, n_heads, head_dim)
         keys = W_key(x).reshape(B, T, n_heads, head_dim)  # (B, T, n_heads, head_dim)
         values = W_value(x).reshape(B, T, n_heads, head_dim)  # (B, T, n_heads, head_dim)
 
@@ -106,9 +114,11 @@ class MultiHeadAttention(nn.Module):
         if kv is not None:  # generation: append to the cache, attend over all its slots
             context_vec, kv = ops.cached_attention(queries, keys, values, kv, index, mask, dropout)
         else:  # the attention weights are dropped only in training; otherwise one fused call
+            if last_token:
+                mask = jnp.ones((1, 1, 1, T), dtype=bool)  # the last token sees every key
             training = cfg.drop_rate > 0 and not self.deterministic
             context_vec = ops.attention(queries, keys, values, mask, cfg.dtype, dropout if training else None)
-        context_vec = context_vec.reshape(B, T, C)  # (B, T, C): the heads concatenated
+        context_vec = context_vec.reshape(B, T_q, C)  # (B, T_q, C): the heads concatenated
         return Linear(cfg, C, rows=self.decode, name="out_proj")(context_vec), kv
 
 
@@ -121,12 +131,13 @@ class TransformerBlock(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x: Array, kv: KVCache | None, mask: Array | None, index: Array | None
+        self, x: Array, kv: KVCache | None, mask: Array | None, index: Array | None, last_token: bool = False
     ) -> tuple[Array, KVCache | None]:
         """(B, T, C) -> (B, T, C): the same shape in and out, so blocks stack.
 
         The signature ``(carry, per_layer, *broadcast) -> (carry, per_layer)`` is what ``nn.scan``
         needs: x is carried from layer to layer, the layer's cache goes in and out.
+        ``last_token=True`` computes the last token's row only, (B, 1, C) (see MultiHeadAttention).
         """
         cfg = self.cfg
         norm1, norm2 = LayerNorm(cfg.emb_dim, name="norm1"), LayerNorm(cfg.emb_dim, name="norm2")
@@ -136,11 +147,13 @@ class TransformerBlock(nn.Module):
 
         act = cfg.activation_dtype  # the branches' activations; x, the residual stream, stays float32
         if cfg.norm_first:  # Pre-LN (GPT-2, the book): normalise the input of each sub-layer
-            h, kv = att(norm1(x).astype(act), mask, kv, index)
+            h, kv = att(norm1(x).astype(act), mask, kv, index, last_token)
+            x = x[:, -1:] if last_token else x  # (B, 1, C) when only the last row goes on
             x = x + drop_shortcut(h)  # shortcut connection
             x = x + drop_shortcut(ff(norm2(x).astype(act)))
         else:  # Post-LN (the original Transformer): normalise after each shortcut addition
-            h, kv = att(x, mask, kv, index)
+            h, kv = att(x, mask, kv, index, last_token)
+            x = x[:, -1:] if last_token else x
             x = norm1(x + drop_shortcut(h))
             x = norm2(x + drop_shortcut(ff(x)))
         return x, kv  # (B, T, C)

@@ -112,6 +112,19 @@ def test_block_preserves_shape():
     assert out.shape == x.shape and kv is None
 
 
+@pytest.mark.parametrize("norm_first", [True, False])
+def test_block_last_token_is_the_last_row_of_the_full_block(norm_first):
+    """last_token=True (a classifier's final block) computes the last row of the causal block alone."""
+    cfg = TINY.replace(norm_first=norm_first)
+    x = jax.random.normal(jax.random.key(3), (3, 7, cfg.emb_dim))
+    block = TransformerBlock(cfg)
+    variables = block.init(jax.random.key(0), x, None, None, None)
+    full, _ = block.apply(variables, x, None, None, None)
+    last, _ = block.apply(variables, x, None, None, None, last_token=True)
+    assert last.shape == (3, 1, cfg.emb_dim)
+    np.testing.assert_allclose(last, full[:, -1:], atol=1e-5)
+
+
 def test_logits_shape(tiny_params):
     idx = np.arange(2 * 7).reshape(2, 7) % TINY.vocab_size
     assert _logits(TINY, tiny_params, idx).shape == (2, 7, TINY.vocab_size)
