@@ -33,7 +33,6 @@ import argparse
 import dataclasses
 import json
 import math
-import signal
 import sys
 import time
 from pathlib import Path
@@ -403,9 +402,8 @@ def _train(args: argparse.Namespace, prep: dict[str, Any], ctrl_c) -> int:
         _plot(history, out)
     step = int(state.step)
     if ctrl_c.pressed:
-        then = "the run is complete" if step >= total else f"continue with --out {out} --resume"
-        print(f"{PROG}: interrupted at step {step} of {total}: saved {hooks.saved}; {then}", file=sys.stderr)
-        return 130
+        resume = f"continue with --out {out} --resume"
+        return runlib.report_stop(f"{PROG}: ", step, total, f"saved {hooks.saved}", resume)
     last = history[-1] if history else {}
     print(
         f"Done: {step} steps in {(time.perf_counter() - t0) / 60:.1f} min; "
@@ -420,8 +418,7 @@ def _train(args: argparse.Namespace, prep: dict[str, Any], ctrl_c) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     CtrlC.pressed = False
-    previous = signal.signal(signal.SIGINT, CtrlC.handler)
-    try:
+    with CtrlC.handling():
         try:
             prep = _prepare(args)
             CtrlC.check()
@@ -445,8 +442,6 @@ def main(argv: list[str] | None = None) -> int:
             if not prep["resumed"] and not (args.out / "checkpoints").is_dir():
                 runlib.undo_new_run(args.out, created)
             return 1
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 if __name__ == "__main__":

@@ -10,10 +10,13 @@ benchmarking, and this one about the files a run leaves behind.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +45,16 @@ class CtrlC:
         if cls.pressed:
             raise KeyboardInterrupt
         cls.pressed = True
+
+    @classmethod
+    @contextlib.contextmanager
+    def handling(cls) -> Iterator[None]:
+        """Let Ctrl-C set the flag within the block; the previous SIGINT handler comes back after it."""
+        previous = signal.signal(signal.SIGINT, cls.handler)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
 
     @classmethod
     def check(cls) -> None:
@@ -104,6 +117,14 @@ def report_interrupt(lead: str, undo: bool, out: Path, created: Path | None, res
         print(f"{lead}interrupted before the first checkpoint: nothing was left behind", file=sys.stderr)
     else:
         print(f"{lead}interrupted without saving: continue with {resume}", file=sys.stderr)
+    return 130
+
+
+def report_stop(lead: str, step: int, total: int, saved: str, resume: str) -> int:
+    """Ctrl-C stopped a run at ``step`` of ``total`` after saving (``saved`` says what); say how
+    to go on (``resume``, unless the run is complete); returns 130."""
+    then = resume if step < total else "the run is complete"
+    print(f"{lead}interrupted at step {step} of {total}: {saved}; {then}", file=sys.stderr, flush=True)
     return 130
 
 

@@ -584,14 +584,8 @@ def run_training(run: RunSetup) -> int:
 
     step = int(state.step)
     if CtrlC.pressed:
-        then = (
-            f"continue with: python scripts/train.py --resume {out}"
-            if step < run.total_steps
-            else "the run is complete"
-        )
-        print(f"interrupted at step {step} of {run.total_steps}: saved checkpoint {hooks.saved}; {then}",
-              file=sys.stderr, flush=True)  # fmt: skip
-        return 130
+        resume = f"continue with: python scripts/train.py --resume {out}"
+        return runlib.report_stop("", step, run.total_steps, f"saved checkpoint {hooks.saved}", resume)
     last = history[-1] if history else {}
     if main_proc:
         print(
@@ -606,27 +600,25 @@ def run_training(run: RunSetup) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)  # a bad option: one line, exit 2
-    previous = signal.signal(signal.SIGINT, CtrlC.handler)
-    try:
+    with CtrlC.handling():
         try:
-            CtrlC.check()
-            sharding.maybe_initialize_distributed()  # multi-host launchers: join before any JAX call
-            run = setup(args)
-        except (UsageError, DataError, CheckpointError, ValueError) as e:
+            try:
+                CtrlC.check()
+                sharding.maybe_initialize_distributed()  # multi-host launchers: join before any JAX call
+                run = setup(args)
+            except (UsageError, DataError, CheckpointError, ValueError) as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 2
+            except (Interrupted, KeyboardInterrupt):
+                print("interrupted before training began: nothing was written", file=sys.stderr)
+                return 130
+            if run is None:
+                print(f"{args.resume} is already complete: nothing to do (its files are unchanged)")
+                return 0
+            return run_training(run)
+        except NonFiniteLossError as e:
             print(f"error: {e}", file=sys.stderr)
-            return 2
-        except (Interrupted, KeyboardInterrupt):
-            print("interrupted before training began: nothing was written", file=sys.stderr)
-            return 130
-        if run is None:
-            print(f"{args.resume} is already complete: nothing to do (its files are unchanged)")
-            return 0
-        return run_training(run)
-    except NonFiniteLossError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    finally:
-        signal.signal(signal.SIGINT, previous)
+            return 1
 
 
 if __name__ == "__main__":
