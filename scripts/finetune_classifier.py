@@ -102,6 +102,7 @@ def _check_options(args: argparse.Namespace) -> None:
 
 
 def _read_meta(out: Path) -> dict[str, Any]:
+    """The checkpoint metadata of the classifier run in ``out``; InputError when there is none."""
     return runlib.read_run_meta(
         out,
         FORMAT,
