@@ -1,7 +1,7 @@
 """What the command-line tools share: one-line usage errors, parsers built from a script's
 docstring, number flags, the fine-tuning tools' starting weights and option checks, Ctrl-C as
-exit 130; and for the benchmarks, timing helpers, common flags and the summary of a
-``jax.profiler`` trace.
+exit 130; and for the benchmarks, timing helpers, common flags, the child process that times a
+reference implementation and the summary of a ``jax.profiler`` trace.
 
 ``scripts/bench.py`` and ``scripts/bench_generate.py`` both import this module (neither imports
 the other), and so do generate, convert, evaluate and finetune_classifier for their parsers. JAX
@@ -265,6 +265,33 @@ def add_common_args(
 
 
 # ------------------------------------------------------------------------------ timing
+
+
+def plain_env() -> dict[str, str]:
+    """The environment a reader's PyTorch runs in: this one without what the launcher added."""
+    env = dict(os.environ)
+    for name in env.pop("JAXGPT_LAUNCHER_SET", "").split(","):
+        if name:
+            env.pop(name, None)
+    return env
+
+
+def run_reference(name: str, script: str, command: str, spec: dict, env: dict[str, str]) -> dict:
+    """Run ``script command SPEC`` (a reference implementation, in a child with exactly ``env``)
+    and return the JSON of its last line with ``name`` added, or ``{"name", "error"}`` with the
+    tail of its output when it fails."""
+    import json
+    import subprocess
+
+    cmd = [sys.executable, script, command, json.dumps(spec)]
+    child_env = {**env, "JAXGPT_NO_RELAUNCH": "1"}  # the child runs with exactly this environment
+    proc = subprocess.run(cmd, env=child_env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        return {"name": name, "error": " | ".join(tail) or f"exit {proc.returncode}"}
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out["name"] = name
+    return out
 
 
 def usage() -> tuple[float, float, int]:
