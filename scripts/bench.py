@@ -34,7 +34,6 @@ import json
 import math
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -339,16 +338,7 @@ def _run_reference(name: str, impl: str, env: dict[str, str], args, autocast_bf1
         "threads": args.threads,
         "lr": args.lr,
     }
-    cmd = [sys.executable, str(Path(__file__).resolve()), "_torch_reference", json.dumps(spec)]
-    child_env = dict(env)
-    child_env["JAXGPT_NO_RELAUNCH"] = "1"  # the child runs with exactly this environment
-    proc = subprocess.run(cmd, env=child_env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        return {"name": name, "error": " | ".join(tail) or f"exit {proc.returncode}"}
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
-    out["name"] = name
-    return out
+    return benchlib.run_reference(name, str(Path(__file__).resolve()), "_torch_reference", spec, env)
 
 
 def _references_available() -> tuple[bool, bool]:
@@ -358,15 +348,6 @@ def _references_available() -> tuple[bool, bool]:
     hf = has_torch and importlib.util.find_spec("transformers") is not None
     book = has_torch and importlib.util.find_spec("llms_from_scratch") is not None
     return hf, book
-
-
-def _plain_env() -> dict[str, str]:
-    """The environment a reader's PyTorch runs in: this one without what the launcher added."""
-    env = dict(os.environ)
-    for name in env.pop("JAXGPT_LAUNCHER_SET", "").split(","):
-        if name:
-            env.pop(name, None)
-    return env
 
 
 def _simd_before_any_matmul(args) -> dict:
@@ -413,17 +394,17 @@ def cmd_train(args) -> int:
         if not ok:
             refs.append({"name": impl, "error": "not installed (pip install -e '.[reference]')"})
             continue
-        plan.append((impl, impl, _plain_env(), False))
+        plan.append((impl, impl, benchlib.plain_env(), False))
     if plan and res["device"].startswith("cpu"):
         first = plan[0][1]
-        fast = allocator_env(_plain_env())
-        if fast != _plain_env():
+        fast = allocator_env(benchlib.plain_env())
+        if fast != benchlib.plain_env():
             plan.append((f"{first}+allocator", first, fast, False))
-        tunables = allocator_env(_plain_env(), "glibc")  # PyTorch may do better with glibc kept tuned
-        if "LD_PRELOAD" in fast and tunables != _plain_env():
+        tunables = allocator_env(benchlib.plain_env(), "glibc")  # PyTorch may do better with glibc kept tuned
+        if "LD_PRELOAD" in fast and tunables != benchlib.plain_env():
             plan.append((f"{first}+glibc_tunables", first, tunables, False))
         if args.dtype == "bfloat16":
-            plan.append((f"{first}+autocast_bf16", first, _plain_env(), True))
+            plan.append((f"{first}+autocast_bf16", first, benchlib.plain_env(), True))
     elif plan:  # on an accelerator the CPU references say nothing useful
         plan = []
     for name, impl, env, autocast in plan:

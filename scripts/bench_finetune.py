@@ -31,7 +31,6 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -215,15 +214,7 @@ def _run_book(name: str, mode: str, env: dict[str, str], args) -> dict:
         "rank": args.lora_rank,
         "alpha": args.lora_alpha,
     }
-    cmd = [sys.executable, str(Path(__file__).resolve()), "_book_finetune", json.dumps(spec)]
-    child_env = {**env, "JAXGPT_NO_RELAUNCH": "1"}  # the child runs with exactly this environment
-    proc = subprocess.run(cmd, env=child_env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        return {"name": name, "error": " | ".join(tail) or f"exit {proc.returncode}"}
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
-    out["name"] = name
-    return out
+    return benchlib.run_reference(name, str(Path(__file__).resolve()), "_book_finetune", spec, env)
 
 
 def _book_available() -> bool:
@@ -235,11 +226,9 @@ def _book_available() -> bool:
 def _reference_envs() -> list[tuple[str, dict[str, str]]]:
     """(name, environment) of each way the book's code runs: as a reader runs it, and under the
     launcher's allocator settings when those differ."""
-    from bench import _plain_env
-
     from jaxgpt.launch import allocator_env
 
-    plain = _plain_env()
+    plain = benchlib.plain_env()
     envs = [("book", plain)]
     fast = allocator_env(plain)
     if fast != plain:

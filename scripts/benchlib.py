@@ -1,6 +1,7 @@
 """What the command-line tools share: one-line usage errors, parsers built from a script's
-docstring, number flags, Ctrl-C as exit 130; and for the benchmarks, timing helpers, common flags
-and the summary of a ``jax.profiler`` trace.
+docstring, number flags, the fine-tuning tools' starting weights and option checks, Ctrl-C as
+exit 130; and for the benchmarks, timing helpers, common flags, the child process that times a
+reference implementation and the summary of a ``jax.profiler`` trace.
 
 ``scripts/bench.py`` and ``scripts/bench_generate.py`` both import this module (neither imports
 the other), and so do generate, convert, evaluate and finetune_classifier for their parsers. JAX
@@ -104,6 +105,34 @@ def load_start_model(args: argparse.Namespace):
     except (FileNotFoundError, ValueError, ImportError) as e:
         raise InputError(f"--init-from {args.init_from}: {e}") from None
     return cfg.replace(drop_rate=args.drop_rate), params
+
+
+def check_fine_tuning_options(
+    args: argparse.Namespace,
+    positive: tuple[tuple[str, float | None], ...] = (),
+    non_negative: tuple[tuple[str, float], ...] = (),
+) -> None:
+    """Raise InputError for the first bad option of a fine-tuning tool: --epochs, --batch-size,
+    --eval-freq, --eval-iter and each ``(flag, value)`` of ``positive`` given and below 1, one of
+    ``non_negative`` below 0, then --lr, --weight-decay and --drop-rate."""
+    shared = (
+        ("--epochs", args.epochs),
+        ("--batch-size", args.batch_size),
+        ("--eval-freq", args.eval_freq),
+        ("--eval-iter", args.eval_iter),
+    )
+    for flag, value in shared + tuple(positive):
+        if value is not None and value < 1:
+            raise InputError(f"{flag} must be a positive integer, got {value}")
+    for flag, value in non_negative:
+        if value < 0:
+            raise InputError(f"{flag} must be an integer >= 0, got {value}")
+    if not args.lr > 0:
+        raise InputError(f"--lr must be a positive number, got {args.lr}")
+    if not args.weight_decay >= 0:
+        raise InputError(f"--weight-decay must be >= 0, got {args.weight_decay}")
+    if not 0 <= args.drop_rate < 1:
+        raise InputError(f"--drop-rate must be in [0, 1), got {args.drop_rate}")
 
 
 def exit_on_interrupt(prog: str, lead: str = "") -> None:
@@ -236,6 +265,33 @@ def add_common_args(
 
 
 # ------------------------------------------------------------------------------ timing
+
+
+def plain_env() -> dict[str, str]:
+    """The environment a reader's PyTorch runs in: this one without what the launcher added."""
+    env = dict(os.environ)
+    for name in env.pop("JAXGPT_LAUNCHER_SET", "").split(","):
+        if name:
+            env.pop(name, None)
+    return env
+
+
+def run_reference(name: str, script: str, command: str, spec: dict, env: dict[str, str]) -> dict:
+    """Run ``script command SPEC`` (a reference implementation, in a child with exactly ``env``)
+    and return the JSON of its last line with ``name`` added, or ``{"name", "error"}`` with the
+    tail of its output when it fails."""
+    import json
+    import subprocess
+
+    cmd = [sys.executable, script, command, json.dumps(spec)]
+    child_env = {**env, "JAXGPT_NO_RELAUNCH": "1"}  # the child runs with exactly this environment
+    proc = subprocess.run(cmd, env=child_env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        return {"name": name, "error": " | ".join(tail) or f"exit {proc.returncode}"}
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out["name"] = name
+    return out
 
 
 def usage() -> tuple[float, float, int]:

@@ -38,7 +38,8 @@ from pathlib import Path
 from typing import Any
 
 # scripts/ is on sys.path when a script runs
-from benchlib import InputError, doc_parser, load_start_model, run_cli
+import runlib
+from benchlib import InputError, check_fine_tuning_options, doc_parser, load_start_model, run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run from a checkout without installing
@@ -85,22 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_options(args: argparse.Namespace) -> None:
-    for flag, value in (
-        ("--epochs", args.epochs),
-        ("--batch-size", args.batch_size),
-        ("--eval-freq", args.eval_freq),
-        ("--eval-iter", args.eval_iter),
-    ):
-        if value < 1:
-            raise InputError(f"{flag} must be a positive integer, got {value}")
-    if args.max_length is not None and args.max_length < 1:
-        raise InputError(f"--max-length must be a positive integer, got {args.max_length}")
-    if not args.lr > 0:
-        raise InputError(f"--lr must be a positive number, got {args.lr}")
-    if not args.weight_decay >= 0:
-        raise InputError(f"--weight-decay must be >= 0, got {args.weight_decay}")
-    if not 0 <= args.drop_rate < 1:
-        raise InputError(f"--drop-rate must be in [0, 1), got {args.drop_rate}")
+    check_fine_tuning_options(args, (("--max-length", args.max_length),))
     if args.lora_rank is not None and args.lora_rank < 1:
         raise InputError(f"--lora-rank must be a positive integer, got {args.lora_rank}")
     if not args.lora_alpha > 0:
@@ -116,17 +102,13 @@ def _check_options(args: argparse.Namespace) -> None:
 
 
 def _read_meta(out: Path) -> dict[str, Any]:
-    from jaxgpt.checkpoint import CheckpointError, CheckpointManager
-
-    if not (out / "checkpoints").is_dir():
-        raise InputError(f"--out {out} holds no run (no checkpoints/ directory)")
-    try:
-        _, meta = CheckpointManager(out, read_only=True).read_meta()
-    except CheckpointError as e:
-        raise InputError(f"--out {out}: {e}") from None
-    if meta.get("kind") != FORMAT:
-        raise InputError(f"--out {out}: not a classifier run of {PROG}")
-    return meta
+    """The checkpoint metadata of the classifier run in ``out``; InputError when there is none."""
+    return runlib.read_run_meta(
+        out,
+        FORMAT,
+        f"--out {out} holds no run (no checkpoints/ directory)",
+        f"--out {out}: not a classifier run of {PROG}",
+    )
 
 
 def _prepare(args: argparse.Namespace) -> dict[str, Any]:

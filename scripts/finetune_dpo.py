@@ -33,13 +33,15 @@ import argparse
 import dataclasses
 import json
 import math
-import signal
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from benchlib import HintParser, doc_parser, number, positive_int, run_cli  # scripts/ is on sys.path
+# scripts/ is on sys.path when a script runs
+import runlib
+from benchlib import HintParser, InputError, doc_parser, load_start_model, number, positive_int, run_cli
+from runlib import CtrlC, Interrupted, UsageError
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run from a checkout without installing
@@ -67,10 +69,6 @@ SETTINGS = {
     "sample_tokens": 50,
     "pad_multiple": 64,
 }
-
-
-class InputError(Exception):
-    """Bad input found before any training: exit code 2 with this message."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -126,38 +124,16 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _read_meta(out: Path) -> dict[str, Any]:
-    from jaxgpt.checkpoint import CheckpointError, CheckpointManager
-
-    if not (out / "checkpoints").is_dir():
-        raise InputError(f"--resume: {out} holds no run to resume (no checkpoints/ directory)")
-    try:
-        _, meta = CheckpointManager(out, read_only=True).read_meta()
-    except CheckpointError as e:
-        raise InputError(f"--out {out}: {e}") from None
-    if meta.get("kind") != FORMAT:
-        raise InputError(f"--out {out}: not a DPO run of {PROG}")
-    return meta
-
-
 def _load_model(args: argparse.Namespace, settings: dict[str, Any]):
     """(cfg, params) of the starting weights, the policy's dropout set."""
-    import jax
-
-    import jaxgpt
-
-    if args.from_scratch:
-        try:
-            cfg = jaxgpt.get_config(args.preset or "quickstart")
-        except ValueError as e:
-            raise InputError(f"--preset: {e}") from None
-        cfg = cfg.replace(drop_rate=settings["drop_rate"])
-        return cfg, jaxgpt.init_params(cfg, jax.random.PRNGKey(settings["seed"]))
-    try:
-        cfg, params = jaxgpt.load(args.init_from)
-    except (FileNotFoundError, ValueError, ImportError) as e:
-        raise InputError(f"--init-from {args.init_from}: {e}") from None
-    return cfg.replace(drop_rate=settings["drop_rate"]), params
+    start = argparse.Namespace(
+        from_scratch=args.from_scratch,
+        init_from=args.init_from,
+        preset=args.preset or "quickstart",
+        drop_rate=settings["drop_rate"],
+        seed=settings["seed"],
+    )
+    return load_start_model(start)
 
 
 def _read(path: Path) -> list[dict[str, str]]:
@@ -216,7 +192,12 @@ def _prepare(args: argparse.Namespace) -> dict[str, Any]:
             raise InputError(
                 f"--resume continues with the run's saved settings; drop {', '.join(map(_flag, extra))}"
             )
-        meta = _read_meta(args.out)
+        meta = runlib.read_run_meta(
+            args.out,
+            FORMAT,
+            f"--resume: {args.out} holds no run to resume (no checkpoints/ directory)",
+            f"--out {args.out}: not a DPO run of {PROG}",
+        )
         settings, cfg = meta["settings"], GPTConfig.from_dict(meta["model_config"])
         data = Path(settings["data"])
         read = _read_entries(data, settings, cfg)
@@ -252,14 +233,10 @@ def _prepare(args: argparse.Namespace) -> dict[str, Any]:
             if not DEFAULT_DATA.is_file():
                 raise InputError(f"--data is required (no default copy at {DEFAULT_DATA})")
             data = DEFAULT_DATA
-        from train import _check_new_out
-
         try:
-            _check_new_out(args.out)
-        except ValueError as e:
-            raise InputError(
-                str(e).replace("continue it with --resume", "continue it with --resume --out")
-            ) from None
+            runlib.check_new_out(args.out, "--resume --out")
+        except UsageError as e:
+            raise InputError(str(e)) from None
         _read(data)  # the entries are checked before the model loads
         cfg, ref_params = _load_model(args, settings)
         if cfg.vocab_size < 50257:
@@ -389,14 +366,12 @@ def _sampler(prep: dict[str, Any]):
 
 
 def _train(args: argparse.Namespace, prep: dict[str, Any], ctrl_c) -> int:
-    from train import _records
-
     from jaxgpt import dpo
     from jaxgpt.checkpoint import CheckpointManager
 
     out, settings, cfg = args.out, prep["settings"], prep["cfg"]
     start_step = int(prep["state"].step)
-    history = _records(out / "metrics.jsonl", start_step)
+    history = runlib.read_records(out / "metrics.jsonl", start_step)
     (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
     mngr = CheckpointManager(out, keep=3)
     if not prep["resumed"]:
@@ -427,9 +402,8 @@ def _train(args: argparse.Namespace, prep: dict[str, Any], ctrl_c) -> int:
         _plot(history, out)
     step = int(state.step)
     if ctrl_c.pressed:
-        then = "the run is complete" if step >= total else f"continue with --out {out} --resume"
-        print(f"{PROG}: interrupted at step {step} of {total}: saved {hooks.saved}; {then}", file=sys.stderr)
-        return 130
+        resume = f"continue with --out {out} --resume"
+        return runlib.report_stop(f"{PROG}: ", step, total, f"saved {hooks.saved}", resume)
     last = history[-1] if history else {}
     print(
         f"Done: {step} steps in {(time.perf_counter() - t0) / 60:.1f} min; "
@@ -443,19 +417,11 @@ def _train(args: argparse.Namespace, prep: dict[str, Any], ctrl_c) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from train import (
-        Interrupted,
-        _create_run_dir,
-        _CtrlC,
-        _undo_new_run,
-    )  # the pretraining CLI's run handling
-
-    _CtrlC.pressed = False
-    previous = signal.signal(signal.SIGINT, _CtrlC.handler)
-    try:
+    CtrlC.pressed = False
+    with CtrlC.handling():
         try:
             prep = _prepare(args)
-            _CtrlC.check()
+            CtrlC.check()
         except InputError as e:
             print(f"{PROG}: {e}", file=sys.stderr)
             return 2
@@ -465,29 +431,17 @@ def main(argv: list[str] | None = None) -> int:
         if int(prep["state"].step) >= prep["settings"]["epochs"] * len(prep["loaders"][0]):
             print(f"{args.out} is already complete: nothing to do (its files are unchanged)")
             return 0
-        created = None if prep["resumed"] else _create_run_dir(args.out)
+        created = None if prep["resumed"] else runlib.create_run_dir(args.out)
         try:
-            return _train(args, prep, _CtrlC)
+            return _train(args, prep, CtrlC)
         except (Interrupted, KeyboardInterrupt):
-            if not prep["resumed"] and not (args.out / "checkpoints").is_dir():
-                _undo_new_run(args.out, created)
-                print(
-                    f"{PROG}: interrupted before the first checkpoint: nothing was left behind",
-                    file=sys.stderr,
-                )
-            else:
-                print(
-                    f"{PROG}: interrupted without saving: continue with --out {args.out} --resume",
-                    file=sys.stderr,
-                )
-            return 130
+            undo = not prep["resumed"] and not (args.out / "checkpoints").is_dir()
+            return runlib.report_interrupt(f"{PROG}: ", undo, args.out, created, f"--out {args.out} --resume")
         except Exception as e:
             print(f"{PROG}: training failed: {type(e).__name__}: {e}", file=sys.stderr)
             if not prep["resumed"] and not (args.out / "checkpoints").is_dir():
-                _undo_new_run(args.out, created)
+                runlib.undo_new_run(args.out, created)
             return 1
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 if __name__ == "__main__":

@@ -43,14 +43,14 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 # scripts/ is on sys.path when a script runs
-from benchlib import HintParser, InputError, doc_parser, load_start_model, run_cli
+import runlib
+from benchlib import HintParser, InputError, check_fine_tuning_options, doc_parser, load_start_model, run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run from a checkout without installing
@@ -101,31 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_options(args: argparse.Namespace) -> None:
-    for flag, value in (
-        ("--epochs", args.epochs),
-        ("--batch-size", args.batch_size),
-        ("--eval-freq", args.eval_freq),
-        ("--eval-iter", args.eval_iter),
+    positive = (
         ("--max-new-tokens", args.max_new_tokens),
-    ):
-        if value < 1:
-            raise InputError(f"{flag} must be a positive integer, got {value}")
-    for flag, value in (("--allowed-max-length", args.allowed_max_length), ("--limit", args.limit)):
-        if value is not None and value < 1:
-            raise InputError(f"{flag} must be a positive integer, got {value}")
-    for flag, value in (
-        ("--bucket", args.bucket),
-        ("--sample-tokens", args.sample_tokens),
-        ("--seed", args.seed),
-    ):
-        if value < 0:
-            raise InputError(f"{flag} must be an integer >= 0, got {value}")
-    if not args.lr > 0:
-        raise InputError(f"--lr must be a positive number, got {args.lr}")
-    if not args.weight_decay >= 0:
-        raise InputError(f"--weight-decay must be >= 0, got {args.weight_decay}")
-    if not 0 <= args.drop_rate < 1:
-        raise InputError(f"--drop-rate must be in [0, 1), got {args.drop_rate}")
+        ("--allowed-max-length", args.allowed_max_length),
+        ("--limit", args.limit),
+    )
+    non_negative = (("--bucket", args.bucket), ("--sample-tokens", args.sample_tokens), ("--seed", args.seed))
+    check_fine_tuning_options(args, positive, non_negative)
     if not args.resume and not args.init_from and not args.from_scratch:
         raise InputError("give the starting weights: --init-from MODEL or --from-scratch (with --preset)")
 
@@ -152,20 +134,6 @@ def _check_out(out: Path) -> None:
         raise InputError(f"--out {out} is not empty; choose a new or empty directory")
 
 
-def _read_meta(out: Path) -> dict[str, Any]:
-    from jaxgpt.checkpoint import CheckpointError, CheckpointManager
-
-    if not (out / "checkpoints").is_dir():
-        raise InputError(f"--resume: {out} holds no run (no checkpoints/ directory)")
-    try:
-        _, meta = CheckpointManager(out, read_only=True).read_meta()
-    except CheckpointError as e:
-        raise InputError(f"--out {out}: {e}") from None
-    if meta.get("kind") != FORMAT:
-        raise InputError(f"--out {out}: not an instruction fine-tuning run of {PROG}")
-    return meta
-
-
 def _prepare(args: argparse.Namespace) -> dict[str, Any]:
     """Everything the run needs, checked: settings, data, judge, model. Raises InputError."""
     from jaxgpt.config import GPTConfig
@@ -180,7 +148,12 @@ def _prepare(args: argparse.Namespace) -> dict[str, Any]:
 
     _check_options(args)
     if args.resume:
-        meta = _read_meta(args.out)
+        meta = runlib.read_run_meta(
+            args.out,
+            FORMAT,
+            f"--resume: {args.out} holds no run (no checkpoints/ directory)",
+            f"--out {args.out}: not an instruction fine-tuning run of {PROG}",
+        )
         settings = {**meta["settings"], "epochs": args.epochs}
         data_path = Path(settings["data"])
     else:
@@ -269,21 +242,6 @@ def _loaders(prep: dict[str, Any]):
     )
 
 
-def _records(path: Path, upto: int) -> list[dict[str, Any]]:
-    """The evaluation records of metrics.jsonl up to step ``upto`` (later ones were never saved)."""
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:  # a line cut short when the process was killed
-            continue
-        if isinstance(record, dict) and record.get("step", upto + 1) <= upto:
-            records.append(record)
-    return records
-
-
 def _train(args: argparse.Namespace, prep: dict[str, Any]):
     """Train (or continue) to --epochs; returns the final state and the evaluation records."""
     import jax
@@ -320,7 +278,7 @@ def _train(args: argparse.Namespace, prep: dict[str, Any]):
     # resumed run reuses the compiled step (the state's structure does not depend on it either).
     tx = make_optimizer(TrainConfig(learning_rate=s["learning_rate"], weight_decay=s["weight_decay"]), 1)
     metrics_path = args.out / "metrics.jsonl"
-    history = _records(metrics_path, int(state.step))
+    history = runlib.read_records(metrics_path, int(state.step))
     metrics_path.write_text("".join(json.dumps(r) + "\n" for r in history))
 
     class _Hooks(Hooks):
@@ -464,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as e:
         print(f"{PROG}: {e}", file=sys.stderr)
         return 2
-    created = not args.out.exists()
+    created = None if args.out.exists() else args.out
     try:
         args.out.mkdir(parents=True, exist_ok=True)
         return _run(args, prep)
@@ -484,16 +442,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-def _clean_up(out: Path, created: bool) -> None:
+def _clean_up(out: Path, created: Path | None) -> None:
     """Remove what a new run wrote before its first checkpoint, so nothing half-made stays."""
     checkpoints = out / "checkpoints"
-    if checkpoints.is_dir() and any(checkpoints.iterdir()):
-        return
-    if created:
-        shutil.rmtree(out, ignore_errors=True)
-    elif out.is_dir():
-        for p in out.iterdir():
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    if not (checkpoints.is_dir() and any(checkpoints.iterdir())):
+        runlib.undo_new_run(out, created)
 
 
 if __name__ == "__main__":

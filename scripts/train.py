@@ -14,35 +14,11 @@ Exit codes: see EXIT_CODES (also printed by --help).
 import signal
 import sys
 
-
-class Interrupted(Exception):
-    """Ctrl-C was pressed; raised where the script can stop cleanly."""
-
-
-class _CtrlC:
-    """Ctrl-C only sets a flag, which the script checks between the steps of its work.
-
-    Raising from the handler instead could land anywhere, e.g. in JAX's garbage-collection
-    callback, which swallows the exception ("Exception ignored in ...") and lets the run go on.
-    A second Ctrl-C raises KeyboardInterrupt at once: stop without saving.
-    """
-
-    pressed = False
-
-    @classmethod
-    def handler(cls, signum: int, frame: object) -> None:
-        if cls.pressed:
-            raise KeyboardInterrupt
-        cls.pressed = True
-
-    @classmethod
-    def check(cls) -> None:
-        if cls.pressed:
-            raise Interrupted
-
+import runlib  # scripts/ is on sys.path when a script runs
+from runlib import CtrlC, Interrupted, UsageError
 
 if __name__ == "__main__":  # from the first moment: importing JAX alone takes seconds
-    signal.signal(signal.SIGINT, _CtrlC.handler)
+    signal.signal(signal.SIGINT, CtrlC.handler)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # one pending since a re-execution
 
 import argparse  # noqa: E402
@@ -50,7 +26,6 @@ import datetime  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
-import shutil  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -131,10 +106,6 @@ RUN_FLAGS = (
     "out",
 )
 SAVE_EVERY, KEEP = 100, 2
-
-
-class UsageError(ValueError):
-    """A bad option or file, named in one line (exit 2)."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -330,24 +301,6 @@ def _parse_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def _check_new_out(out: Path) -> None:
-    """``out`` must be new or an empty directory, and writable; nothing is created yet."""
-    if out.exists():
-        if not out.is_dir():
-            raise UsageError(f"--out {out} exists and is not a directory")
-        if (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir()):
-            raise UsageError(
-                f"--out {out} already holds a run's checkpoints; continue it with --resume {out}"
-            )
-        entries = sorted(p.name for p in out.iterdir())
-        if entries:
-            shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
-            raise UsageError(f"--out {out} is not empty (it holds {shown}); give a new or empty directory")
-    parent = out if out.exists() else next(p for p in out.absolute().parents if p.exists())
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise UsageError(f"output directory {out} cannot be written ({parent} is not a writable directory)")
-
-
 def _read_run_config(out: Path) -> dict[str, Any]:
     """The config.json of run directory ``out``, checked to hold what a resume reads."""
     if not out.exists():
@@ -474,7 +427,7 @@ def _setup_resume(args: argparse.Namespace) -> RunSetup | None:
         raise UsageError(f"--resume {out} cannot be written")
     mesh = _make_mesh(args.mesh)
     state, tx, cfg, tcfg, pos, _ = restore_checkpoint(mngr, mesh=mesh)
-    _CtrlC.check()
+    CtrlC.check()
     data = _load_data(run_cfg["data"]["paths"], cfg.context_length, tcfg)
     if data.fingerprint != run_cfg["data"]["fingerprint"]:
         raise DataError(f"the data of {out} changed since the run started (token fingerprint differs)")
@@ -495,11 +448,11 @@ def _setup_new(args: argparse.Namespace) -> RunSetup:
     else:
         cfg, tcfg = _model_config(get_config(name), args, f"preset {name!r}"), _train_config(name, args)
     out = Path(args.out) if args.out else Path("runs") / f"{name}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
-    _check_new_out(out)
+    runlib.check_new_out(out)
     mesh = _make_mesh(args.mesh)
-    _CtrlC.check()
+    CtrlC.check()
     data = _load_data(args.data, cfg.context_length, tcfg)
-    _CtrlC.check()
+    CtrlC.check()
     total = total_train_steps(data.train_loader, tcfg)
     if mesh is None:
         state, tx = create_train_state(cfg, tcfg, jax.random.PRNGKey(tcfg.seed), total, params)
@@ -582,63 +535,28 @@ class CLIHooks(Hooks):
             self._print(f"saved checkpoint {self.saved}")
 
     def should_stop(self, step):  # noqa: ANN001
-        return _CtrlC.pressed
+        return CtrlC.pressed
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
 
 
-def _records(path: Path, upto: int) -> list[dict[str, Any]]:
-    """The evaluation records of metrics.jsonl up to step ``upto`` (later ones were not saved)."""
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:  # a line cut short when the process was killed
-            continue
-    return [r for r in records if isinstance(r, dict) and r.get("step", upto + 1) <= upto]
-
-
-def _create_run_dir(out: Path) -> Path | None:
-    """Create ``out`` (and missing parents); returns the topmost directory created, if any."""
-    missing = [p for p in (out, *out.parents) if not p.exists()]
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UsageError(f"output directory {out} cannot be written: {e.strerror or e}") from e
-    return missing[-1] if missing else None
-
-
-def _undo_new_run(out: Path, created: Path | None) -> None:
-    """Remove what a new run wrote before its first checkpoint: ``out`` is as it was (new or empty)."""
-    if created is not None:
-        shutil.rmtree(created, ignore_errors=True)
-    elif out.is_dir():
-        for p in out.iterdir():
-            if p.is_dir():
-                shutil.rmtree(p, ignore_errors=True)
-            else:
-                p.unlink(missing_ok=True)
-
-
 def run_training(run: RunSetup) -> int:
     """Write the run's files, train, plot; returns the exit code."""
     out, cfg, tcfg, main_proc = run.out, run.cfg, run.tcfg, jax.process_index() == 0
     start_step = int(run.state.step)
-    created = None if run.resumed else _create_run_dir(out)
+    created = None if run.resumed else runlib.create_run_dir(out)
     mngr = hooks = None
     try:
-        history = _records(out / "metrics.jsonl", start_step)
+        history = runlib.read_records(out / "metrics.jsonl", start_step)
         if main_proc:
             if not run.resumed:
                 (out / "config.json").write_text(json.dumps(run.run_cfg, indent=2) + "\n")
             (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
         mngr = CheckpointManager(out, keep=run.run_cfg["keep"])
         hooks = CLIHooks(run, mngr)
-        _CtrlC.check()
+        CtrlC.check()
         if main_proc:
             d = run.data
             verb = f"Resuming at step {start_step}" if run.resumed else "Training"
@@ -661,23 +579,13 @@ def run_training(run: RunSetup) -> int:
         if main_proc and history:
             plot_losses(history, out / "loss.png")
     except (Interrupted, KeyboardInterrupt):
-        if not run.resumed and (mngr is None or not mngr.all_steps()):
-            _undo_new_run(out, created)
-            print("interrupted before the first checkpoint: nothing was left behind", file=sys.stderr)
-        else:
-            print(f"interrupted without saving: continue with --resume {out}", file=sys.stderr)
-        return 130
+        undo = not run.resumed and (mngr is None or not mngr.all_steps())
+        return runlib.report_interrupt("", undo, out, created, f"--resume {out}")
 
     step = int(state.step)
-    if _CtrlC.pressed:
-        then = (
-            f"continue with: python scripts/train.py --resume {out}"
-            if step < run.total_steps
-            else "the run is complete"
-        )
-        print(f"interrupted at step {step} of {run.total_steps}: saved checkpoint {hooks.saved}; {then}",
-              file=sys.stderr, flush=True)  # fmt: skip
-        return 130
+    if CtrlC.pressed:
+        resume = f"continue with: python scripts/train.py --resume {out}"
+        return runlib.report_stop("", step, run.total_steps, f"saved checkpoint {hooks.saved}", resume)
     last = history[-1] if history else {}
     if main_proc:
         print(
@@ -692,34 +600,32 @@ def run_training(run: RunSetup) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)  # a bad option: one line, exit 2
-    previous = signal.signal(signal.SIGINT, _CtrlC.handler)
-    try:
+    with CtrlC.handling():
         try:
-            _CtrlC.check()
-            sharding.maybe_initialize_distributed()  # multi-host launchers: join before any JAX call
-            run = setup(args)
-        except (UsageError, DataError, CheckpointError, ValueError) as e:
+            try:
+                CtrlC.check()
+                sharding.maybe_initialize_distributed()  # multi-host launchers: join before any JAX call
+                run = setup(args)
+            except (UsageError, DataError, CheckpointError, ValueError) as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 2
+            except (Interrupted, KeyboardInterrupt):
+                print("interrupted before training began: nothing was written", file=sys.stderr)
+                return 130
+            if run is None:
+                print(f"{args.resume} is already complete: nothing to do (its files are unchanged)")
+                return 0
+            return run_training(run)
+        except NonFiniteLossError as e:
             print(f"error: {e}", file=sys.stderr)
-            return 2
-        except (Interrupted, KeyboardInterrupt):
-            print("interrupted before training began: nothing was written", file=sys.stderr)
-            return 130
-        if run is None:
-            print(f"{args.resume} is already complete: nothing to do (its files are unchanged)")
-            return 0
-        return run_training(run)
-    except NonFiniteLossError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    finally:
-        signal.signal(signal.SIGINT, previous)
+            return 1
 
 
 if __name__ == "__main__":
     # Ctrl-C stays pending while the process re-executes itself: the signal mask and pending
     # signals survive execve, and the new process unblocks them once its handler is installed.
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-    if not _CtrlC.pressed:
+    if not CtrlC.pressed:
         try:  # re-run once with the allocator that makes CPU steps faster (see jaxgpt/launch.py)
             from jaxgpt.launch import relaunch_with_fast_allocator
         except ImportError:

@@ -9,7 +9,6 @@ where it is absent.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import jax
@@ -138,8 +137,8 @@ def test_end_to_end_writes_a_run_and_resumes_bit_for_bit(capsys, tmp_path, tiny_
 
         def should_stop(step):
             if step == 3:
-                sys.modules["train"]._CtrlC.pressed = True
-            return sys.modules["train"]._CtrlC.pressed
+                cli.CtrlC.pressed = True
+            return cli.CtrlC.pressed
 
         hooks.should_stop = should_stop
         return hooks
