@@ -104,13 +104,15 @@ def matmul(x: Array, w: Array, dtype: str, out_dtype: str = "float32") -> Array:
 
     bfloat16 multiplication runs at twice float32's speed on a CPU with AVX-512 BF16 and on every
     GPU (docs/speed.md); ``out_dtype="bfloat16"`` (with bf16 multiplication only) also takes and
-    returns bf16 activations.
+    returns bf16 activations. Either way x is multiplied as (M, K) rows: a 3-D x made XLA's CPU
+    compiler copy it transposed to form w's gradient (docs/speed.md).
     """
+    lead, rows = x.shape[:-1], x.reshape(-1, x.shape[-1])  # rows (M, K), M = B * T
     if dtype == "float32":
-        return x @ w
-    lead = x.shape[:-1]
-    out = jnp.dtype(out_dtype)
-    y = bf16_matmul(x.reshape(-1, x.shape[-1]).astype(out), w, out)
+        y = rows @ w
+    else:
+        out = jnp.dtype(out_dtype)
+        y = bf16_matmul(rows.astype(out), w, out)
     return y.reshape(*lead, w.shape[-1])
 
 
