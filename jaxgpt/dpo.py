@@ -392,7 +392,7 @@ def jit_dpo_train_step(
 ) -> Callable[[TrainState, Batch, Params], tuple[TrainState, dict[str, Array]]]:
     """:func:`dpo_train_step` with its options bound, jitted once, the state's buffers donated."""
     step = functools.partial(dpo_train_step, cfg=cfg, tx=tx, beta=beta)
-    return jax.jit(step, donate_argnums=0, compiler_options=compiler_options())
+    return jax.jit(step, donate_argnums=0, compiler_options=compiler_options(training=True))
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "beta"))

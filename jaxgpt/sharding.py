@@ -363,7 +363,7 @@ def shard_train_step(
         in_shardings=(state_shardings, batch),
         out_shardings=(state_shardings, replicated(mesh)),
         donate_argnums=(0,),
-        compiler_options=compiler_options(mesh.devices.flat[0].platform),
+        compiler_options=compiler_options(mesh.devices.flat[0].platform, training=True),
     )
 
 

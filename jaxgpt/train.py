@@ -272,7 +272,7 @@ def jit_train_step(
     """:func:`train_step` with ``cfg``, ``tx`` and ``loss_fn`` bound, jitted once, the state's
     buffers donated (with :func:`jaxgpt.xla.compiler_options`)."""
     step = functools.partial(train_step, cfg=cfg, tx=tx, loss_fn=loss_fn)
-    return jax.jit(step, donate_argnums=0, compiler_options=compiler_options())
+    return jax.jit(step, donate_argnums=0, compiler_options=compiler_options(training=True))
 
 
 # --------------------------------------------------------------------------------------------

@@ -46,6 +46,7 @@ if str(ROOT) not in sys.path:  # run from a checkout without installing
 import benchlib  # noqa: E402
 
 from jaxgpt.launch import allocator_env, relaunch_with_fast_allocator  # noqa: E402
+from jaxgpt.xla import CPU_MATMULS, training_matmuls  # noqa: E402
 
 # Dense peak of one accelerator chip, bf16, FLOP/s (for MFU). Matched against the device kind.
 GPU_BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
@@ -364,6 +365,8 @@ def _simd_before_any_matmul(args) -> dict:
         else:
             note = benchlib.cap_ynnpack(level)
             capped = None if note else {"ynnpack": level}
+    if limit and level != host and training_matmuls() == "onednn" and not benchlib.isa_limits().get("onednn"):
+        os.environ["ONEDNN_MAX_CPU_ISA"] = level  # the step's matmuls run on oneDNN: cap it too
     report = benchlib.simd_report(capped=capped)
     if note:
         report["ynnpack_note"] = note
@@ -377,6 +380,8 @@ def cmd_train(args) -> int:
     simd = _simd_before_any_matmul(args)
     res = bench_jaxgpt_train(args)
     res["simd"] = simd
+    if res["device"].startswith("cpu"):
+        res["matmuls"] = training_matmuls()
     res["load_avg_1m_before"] = load
     res["allocator_env"] = {
         k: os.environ[k] for k in os.environ.get("JAXGPT_LAUNCHER_SET", "").split(",") if k
@@ -459,6 +464,9 @@ def _print_jaxgpt(r: dict) -> None:
     if "simd" in r:
         note = f" (YNNPACK {r['simd']['ynnpack_note']})" if "ynnpack_note" in r["simd"] else ""
         print(f"  SIMD               {benchlib.simd_line(r['simd'])}{note}")
+    if "matmuls" in r:
+        why = "on an Intel host" if r["matmuls"] == "onednn" else "the default off Intel hosts"
+        print(f"  step matmuls on    {r['matmuls']} ({why}; {CPU_MATMULS} overrides)")
     if "profile" in r:
         benchlib.print_profile(r["profile"])
 
