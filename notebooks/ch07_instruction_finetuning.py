@@ -170,7 +170,7 @@ if gpt2_source and not QUICK:
     cfg = cfg.replace(drop_rate=0.0)  # the book's chapter 7 model has dropout 0.0
     weights_source = gpt2_source
 elif QUICK:
-    cfg = jaxgpt.GPTConfig(context_length=256, emb_dim=48, n_heads=2, n_layers=2, drop_rate=0.0)
+    cfg = jaxgpt.GPTConfig(context_length=128, emb_dim=32, n_heads=2, n_layers=2, drop_rate=0.0)
     params = jaxgpt.init_params(cfg, jax.random.key(123))
     weights_source = "a tiny random model (JAXGPT_QUICK=1)"
 else:
@@ -179,14 +179,15 @@ else:
     weights_source = "gpt2-small from random weights (JAXGPT_GPT2 is not set)"
 print(f"weights: {weights_source}; {jaxgpt.count_params(params):,} parameters")
 
-limit = 48 if QUICK else None  # the quick run trains on a few entries
+limit = 32 if QUICK else None  # the quick run trains on a few entries
 train_set = ins.InstructionDataset.from_entries(train_data[:limit])
 val_set = ins.InstructionDataset.from_entries(val_data[: 8 if QUICK else None])
 L = cfg.context_length
+sft_L = 64 if QUICK else L  # the quick run cuts its few longer entries: one padded shape to compile
 train_loader = ins.InstructionLoader(
-    train_set, batch_size=8, shuffle=True, drop_last=True, allowed_max_length=L
+    train_set, batch_size=8, shuffle=True, drop_last=True, allowed_max_length=sft_L
 )
-val_loader = ins.InstructionLoader(val_set, batch_size=8, allowed_max_length=L)
+val_loader = ins.InstructionLoader(val_set, batch_size=8, allowed_max_length=sft_L)
 print(
     f"{len(train_loader)} training batches; padded lengths:",
     sorted({b[0].shape[1] for b in train_loader.iter_epoch(0)}),
@@ -204,9 +205,9 @@ tcfg = jt.TrainConfig(
     learning_rate=5e-5 if not QUICK else 1e-3,  # a tiny random model needs a larger step
     weight_decay=0.1,
     batch_size=8,
-    num_epochs=epochs if not QUICK else 3,
+    num_epochs=epochs,
     eval_freq=5,
-    eval_iter=5,
+    eval_iter=5 if not QUICK else 2,
     start_context=ins.format_input(val_data[0]),
     sample_tokens=0,
 )
@@ -281,12 +282,13 @@ assert response_loss_after < response_loss_before
 
 # %%
 p_train, p_val, _ = dpo.split_preference_data(preference_data)
-p_train = dpo.encode_preference_data(p_train[: 32 if QUICK else None])
+p_train = dpo.encode_preference_data(p_train[: 16 if QUICK else None])
 p_val = dpo.encode_preference_data(p_val[: 8 if QUICK else None])
+dpo_batch = 4 if QUICK else 8
 dpo_train = dpo.PreferenceLoader(
-    tuple(p_train), batch_size=8, shuffle=True, drop_last=True, allowed_max_length=L, pad_multiple=64
+    tuple(p_train), batch_size=dpo_batch, shuffle=True, drop_last=True, allowed_max_length=L, pad_multiple=64
 )
-dpo_val = dpo.PreferenceLoader(tuple(p_val), batch_size=8, allowed_max_length=L, pad_multiple=64)
+dpo_val = dpo.PreferenceLoader(tuple(p_val), batch_size=dpo_batch, allowed_max_length=L, pad_multiple=64)
 start = dpo.evaluate_dpo(tuned, tuned, cfg, dpo_val.iter_epoch(0))
 print(
     f"before DPO: loss {start['loss']:.4f} (log 2 = {math.log(2):.4f}), margin {start['reward_margin']:.4f}"
@@ -303,9 +305,9 @@ dpo_state, _, dpo_records = dpo.train_dpo(
     dpo_train,
     dpo_val,
     beta=0.1,
-    num_epochs=1 if not QUICK else 2,
-    eval_freq=2 if QUICK else 5,
-    eval_iter=2 if QUICK else 5,
+    num_epochs=1,
+    eval_freq=4 if QUICK else 5,
+    eval_iter=1 if QUICK else 5,
 )
 for r in dpo_records:
     print(dpo.eval_line(max(1, math.ceil(r["epoch"])), r))

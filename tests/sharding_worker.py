@@ -53,8 +53,21 @@ def new_state():
     return create_train_state(CFG, TCFG, jax.random.key_data(jax.random.key(TCFG.seed)), total_steps=STEPS)
 
 
+@functools.cache
+def _reference_state():
+    """The one-device starting state and its optimizer, built once (each create_train_state
+    compiles the model's init afresh). Never handed out itself: the steps donate their state."""
+    return new_state()
+
+
+def reference_state():
+    """A fresh one-device copy of the starting state (the steps donate theirs) and the optimizer."""
+    state, tx = _reference_state()
+    return jax.tree_util.tree_map(jax.numpy.copy, state), tx
+
+
 def run_single() -> tuple[list[float], object]:
-    state, tx = new_state()
+    state, tx = reference_state()
     step = jit_train_step(CFG, tx)
     losses = []
     for x, y in global_batches():
@@ -68,10 +81,10 @@ def run_mesh(
 ) -> tuple[list[float], object, object]:
     mesh = sharding.make_mesh(spec)
     if sharded_init:  # each device creates only its shards
-        _, tx = new_state()
+        _, tx = reference_state()
         state, shardings = sharding.init_sharded(lambda: new_state()[0], mesh)
     else:  # an existing one-device state moved onto the mesh (one compile less)
-        state, tx = new_state()
+        state, tx = reference_state()
         state = sharding.shard_state(state, mesh)
         shardings = sharding.state_shardings(state, mesh)
     step = sharding.shard_train_step(functools.partial(train_step, cfg=CFG, tx=tx), mesh, shardings)

@@ -310,13 +310,18 @@ def test_unrolled_and_rematerialised_stacks_match_the_scan(tiny_params):
     def loss(cfg, params):
         return _logits(cfg, params, idx).astype(jnp.float32).mean()
 
-    base, base_grads = jax.value_and_grad(lambda p: loss(TINY, p))(tiny_params)
-    for cfg in (
+    variants = (
         TINY.replace(scan_unroll=TINY.n_layers),
         TINY.replace(remat="full"),
         TINY.replace(remat="dots"),
-    ):
-        value, grads = jax.value_and_grad(lambda p, cfg=cfg: loss(cfg, p))(tiny_params)
+    )
+
+    @jax.jit  # one compilation for the scan and all three variants
+    def values_and_grads(params):
+        return [jax.value_and_grad(lambda p, cfg=cfg: loss(cfg, p))(params) for cfg in (TINY, *variants)]
+
+    (base, base_grads), *others = values_and_grads(tiny_params)
+    for value, grads in others:
         np.testing.assert_allclose(value, base, atol=1e-6)
         for a, b in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(base_grads), strict=True):
             np.testing.assert_allclose(a, b, atol=1e-6)
