@@ -50,6 +50,7 @@ from jaxgpt.config import GPTConfig
 from jaxgpt.data import BatchOrder
 from jaxgpt.model import GPTModel, LayerNorm, Params, TransformerBlock
 from jaxgpt.ops import Linear, keep_mask
+from jaxgpt.xla import compiler_options
 
 Array = jax.Array
 PAD_TOKEN_ID = 50256  # <|endoftext|>, the book's padding token
@@ -691,7 +692,8 @@ def jit_classifier_train_step(
     cfg: GPTConfig, tx: optax.GradientTransformation
 ) -> Callable[[ClassifierState, tuple[Array, Array]], tuple[ClassifierState, dict[str, Array]]]:
     """:func:`classifier_train_step` with ``cfg`` and ``tx`` bound, jitted once."""
-    return jax.jit(functools.partial(classifier_train_step, cfg=cfg, tx=tx), donate_argnums=0)
+    step = functools.partial(classifier_train_step, cfg=cfg, tx=tx)
+    return jax.jit(step, donate_argnums=0, compiler_options=compiler_options(training=True))
 
 
 @dataclass

@@ -29,6 +29,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 from jaxgpt.classify import ClassifierState, apply_loss_gradients, classification_loss, classifier_logits
 from jaxgpt.config import GPTConfig
 from jaxgpt.model import Params
+from jaxgpt.xla import compiler_options
 
 Array = jax.Array
 
@@ -134,4 +135,5 @@ def jit_lora_train_step(
     cfg: GPTConfig, tx: optax.GradientTransformation, alpha: float
 ) -> Callable[[ClassifierState, tuple[Array, Array]], tuple[ClassifierState, dict[str, Array]]]:
     """:func:`lora_train_step` with its settings bound, jitted once."""
-    return jax.jit(functools.partial(lora_train_step, cfg=cfg, tx=tx, alpha=alpha), donate_argnums=0)
+    step = functools.partial(lora_train_step, cfg=cfg, tx=tx, alpha=alpha)
+    return jax.jit(step, donate_argnums=0, compiler_options=compiler_options(training=True))
